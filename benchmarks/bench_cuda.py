@@ -1,0 +1,269 @@
+"""CUDA benchmark, one run, side by side: per-linear TFLOP/s and full 4B transformer steps.
+
+    python benchmarks/bench_cuda.py --out benchmarks/results/h100
+
+Per linear (every FLUX.2 klein 4B shape x M tokens): ours (Triton expand + cuBLAS), gemlite W2 with 8-bit
+packing (the released layout), dense cuBLAS bf16. Per step: the full 4B transformer (5 double + 20 single
+blocks, random weights, built in memory) with each linear kind at 512^2 and 1024^2, plus steady and peak VRAM.
+Writes OUT.json and OUT.md (tables); prints the tables as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FLUX_SHAPES = [  # (name, in, out)
+    ("attn q/k/v/out", 3072, 3072),
+    ("ff in (double)", 3072, 18432),
+    ("ff out (double)", 9216, 3072),
+    ("single qkv+mlp in", 3072, 27648),
+    ("single out", 12288, 3072),
+]
+MS = [1, 64, 512, 1536, 4608]
+SIZES = {"512": (512, 512), "1024": (1024, 1024)}
+TEXT_TOKENS = 512
+
+
+class RandomLowBit:
+    """Packed random binary/ternary weight built on the GPU (the LowBitWeight attributes the linears read)."""
+
+    group_size = 128
+
+    def __init__(self, out_f, in_f, kind, gen):
+        self.kind, self.shape = kind, (out_f, in_f)
+        self.bits = 2 if kind == "ternary" else 1
+        per = 8 // self.bits
+        q = torch.randint(0, 3 if kind == "ternary" else 2, (out_f, in_f // per, per), generator=gen,
+                          device="cuda", dtype=torch.uint8)  # [out, in / per, per] codes
+        packed = torch.zeros(out_f, in_f // per, dtype=torch.uint8, device="cuda")
+        for j in range(per):
+            packed |= q[:, :, j] << (j * self.bits)
+        self.packed = packed
+        self.scales = (torch.rand(out_f, in_f // 128, generator=gen, device="cuda") + 0.5) / math.sqrt(in_f)
+
+    def dense(self, dtype):
+        from bonsai.backends.cuda.kernels import expand_lowbit
+
+        w = torch.empty(self.shape, device="cuda", dtype=dtype)
+        return expand_lowbit(self.packed, self.scales, self.bits, 128, self.shape[1], w)
+
+
+def dense_linear(weight, device="cuda", dtype=torch.bfloat16):
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight.dense(dtype), requires_grad=False)
+    return layer
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def tflops(m, k, n, ms):
+    return 2 * m * k * n / (ms * 1e-3) / 1e12
+
+
+def bench_linears(dtype, with_gemlite, kinds):
+    from bonsai.backends.cuda.linear import FastLowBitLinear
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    rows = []
+    for kind in kinds:
+        for name, k, n in FLUX_SHAPES:
+            w = RandomLowBit(n, k, kind, gen)
+            ours = FastLowBitLinear(w)
+            wd = w.dense(dtype)
+            gl = None
+            if with_gemlite:
+                from bonsai.backends.cuda.gemlite import from_lowbit
+
+                gl = from_lowbit(w, dtype=dtype, packing_bitwidth=8)
+            scratch = torch.empty(n, k, device="cuda", dtype=dtype)
+            from bonsai.backends.cuda.kernels import expand_lowbit
+
+            expand_ms = bench_ms(lambda: expand_lowbit(w.packed, w.scales, w.bits, 128, k, scratch))
+            for m in MS:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                t_dense = bench_ms(lambda: F.linear(x, wd))
+                t_ours = bench_ms(lambda: ours(x))
+                t_gl = None
+                if gl is not None:
+                    t0 = time.perf_counter()
+                    gl(x)  # first call autotunes this (M bucket, N, K)
+                    torch.cuda.synchronize()
+                    tune_s = time.perf_counter() - t0
+                    t_gl = bench_ms(lambda: gl(x))
+                row = dict(kind=kind, linear=name, K=k, N=n, M=m, dense_ms=t_dense, ours_ms=t_ours, gemlite_ms=t_gl,
+                           expand_ms=expand_ms, dense_tflops=tflops(m, k, n, t_dense),
+                           ours_tflops=tflops(m, k, n, t_ours),
+                           gemlite_tflops=tflops(m, k, n, t_gl) if t_gl else None,
+                           gemlite_first_call_s=tune_s if gl is not None else None)
+                rows.append(row)
+                print(f"{kind:8s} {k:5d}->{n:5d} M={m:5d}  dense {row['dense_tflops']:7.1f}  ours "
+                      f"{row['ours_tflops']:7.1f}  gemlite {row['gemlite_tflops'] or float('nan'):7.1f} TFLOP/s"
+                      f"  (expand {expand_ms * 1e3:.0f} us)", flush=True)
+            del w, ours, wd, gl, scratch
+            torch.cuda.empty_cache()
+    return rows
+
+
+def random_model_tensors(cfg, kind, seed=0):
+    from bonsai.backends.torch.transformer import Flux2Transformer
+
+    with torch.device("meta"):
+        model = Flux2Transformer(cfg)
+    gen = torch.Generator("cuda").manual_seed(seed)
+    out = {}
+    for key, meta in model.state_dict().items():
+        shape = tuple(meta.shape)
+        if key.startswith(("transformer_blocks.", "single_transformer_blocks.")) and len(shape) == 2:
+            out[key] = RandomLowBit(shape[0], shape[1], kind, gen)
+        elif len(shape) == 2:
+            out[key] = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) / math.sqrt(shape[1])
+        else:
+            out[key] = 1 + 0.1 * torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+    return out
+
+
+def model_bytes(model) -> int:
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+def bench_steps(dtype, impls, kinds, reps=7):
+    from bonsai import latents
+    from bonsai.backends.cuda.linear import FastLowBitLinear, release_scratch
+    from bonsai.backends.torch.transformer import load_transformer
+    from bonsai.config import KLEIN_4B
+
+    makers = {"ours": FastLowBitLinear, "dense_bf16": dense_linear}
+    if "gemlite" in impls:
+        from bonsai.backends.cuda.gemlite import from_lowbit
+
+        makers["gemlite"] = lambda w, device="cuda", dtype=dtype: from_lowbit(w, device=device, dtype=dtype)
+    rows = []
+    for kind in kinds:
+        tensors = random_model_tensors(KLEIN_4B, kind)
+        for impl in impls:
+            torch.cuda.empty_cache()
+            model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl])
+            torch.cuda.synchronize()
+            weights_gb = model_bytes(model) / 1e9
+            for size_name, (hgt, wid) in SIZES.items():
+                h, w = latents.latent_size(hgt, wid)
+                x = torch.randn(1, h * w, 128, device="cuda", dtype=dtype)
+                c = torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype)
+                t = torch.full((1,), 0.5, device="cuda", dtype=dtype)
+                img, txt = latents.img_ids(h, w).cuda(), latents.txt_ids(TEXT_TOKENS).cuda()
+                release_scratch()  # so the scratch allocation shows in this size's peak
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                times = []
+                with torch.inference_mode():
+                    for i in range(reps + 1):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        model(x, c, t, img, txt)
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                # The model shares storage with the random source tensors, so count it by storage, then add
+                # what the step allocated on top (activations, scratch, gemlite outputs).
+                peak_gb = weights_gb + (torch.cuda.max_memory_allocated() - before) / 1e9
+                row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", first_step_s=times[0],
+                           step_ms=statistics.median(times[1:]) * 1e3, steps_measured=reps,
+                           weights_gb=weights_gb, peak_gb=peak_gb)
+                rows.append(row)
+                print(f"step {kind:8s} {impl:10s} {row['size']:9s} first {times[0]:6.2f} s  median "
+                      f"{row['step_ms']:7.1f} ms  model {weights_gb:5.2f} GB  peak {peak_gb:5.2f} GB", flush=True)
+            del model
+            release_scratch()
+        del tensors
+        torch.cuda.empty_cache()
+    return rows
+
+
+def versions():
+    import triton
+
+    out = dict(torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+               gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    try:
+        import gemlite
+
+        out["gemlite"] = getattr(gemlite, "__version__", "installed")
+    except ImportError:
+        out["gemlite"] = None
+    return out
+
+
+def markdown(result) -> str:
+    lines = ["| kind | linear (K->N) | M | ours TFLOP/s | gemlite 8-bit TFLOP/s | dense bf16 TFLOP/s | ours/dense |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result.get("linears", []):
+        g = f"{r['gemlite_tflops']:.0f}" if r["gemlite_tflops"] else "-"
+        lines.append(f"| {r['kind']} | {r['linear']} {r['K']}->{r['N']} | {r['M']} | {r['ours_tflops']:.0f} | {g} | "
+                     f"{r['dense_tflops']:.0f} | {r['ours_tflops'] / r['dense_tflops']:.2f} |")
+    lines += ["", "| kind | linears | size | step (median) | first step | model VRAM | peak VRAM |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result.get("steps", []):
+        lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['first_step_s']:.2f} s | "
+                     f"{r['weights_gb']:.2f} GB | {r['peak_gb']:.2f} GB |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/h100", help="output prefix (writes .json and .md)")
+    p.add_argument("--sections", default="linear,step")
+    p.add_argument("--linear-kinds", default="ternary")
+    p.add_argument("--step-kinds", default="ternary,binary")
+    p.add_argument("--impls", default="ours,gemlite,dense_bf16")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_cuda.py needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    impls = args.impls.split(",")
+    result = dict(command="python benchmarks/bench_cuda.py " + " ".join(argv or __import__("sys").argv[1:]),
+                  versions=versions(), dtype=args.dtype, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(markdown(result))
+
+    sections = args.sections.split(",")
+    tune_file = None
+    if "gemlite" in impls:
+        from bonsai.backends.cuda import gemlite as glb
+
+        tune_file = glb.autotune_cache_path()
+        glb.load_autotune(tune_file)
+    if "linear" in sections:
+        result["linears"] = bench_linears(dtype, "gemlite" in impls, args.linear_kinds.split(","))
+        save()
+    if "step" in sections:
+        result["steps"] = bench_steps(dtype, impls, args.step_kinds.split(","))
+        save()
+    if tune_file is not None:
+        glb.save_autotune(tune_file)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

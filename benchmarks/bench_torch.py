@@ -1,0 +1,141 @@
+"""Time a 4-step denoise of the torch-backend transformer with random low-bit weights.
+
+    python benchmarks/bench_torch.py --configs tiny --size 256 --out benchmarks/results/torch.json
+    python benchmarks/bench_torch.py --configs klein-4b --size 256 --steps 1 --device cuda
+
+Weights are random packed ternary/binary codes built directly in the packed layout (a dense fp32 copy of the
+real-width model would be 15 GB), so this measures speed and memory only. Text features are random [1, 512, joint].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import types
+
+import torch
+
+from bonsai import latents
+from bonsai.backends.torch.transformer import Flux2Transformer, load_transformer
+from bonsai.config import KLEIN_4B, TransformerConfig
+
+CONFIGS = {
+    "tiny": TransformerConfig(in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=64,
+                              num_attention_heads=2, joint_attention_dim=256, axes_dims_rope=(16, 16, 16, 16)),
+    "klein-4b": KLEIN_4B,
+}
+SIGMAS_512 = [1.0, 0.9580854, 0.8839819, 0.7174966, 0.0]  # klein's 4-step schedule at 512x512 (spec §4.2)
+
+
+def random_lowbit(shape, kind: str, group_size: int, gen: torch.Generator):
+    """A packed weight with the LowBitWeight attributes, drawn without a dense intermediate."""
+    out, k = shape
+    bits = 2 if kind == "ternary" else 1
+    if kind == "ternary":
+        q = torch.randint(0, 3, (out, k // 4, 4), generator=gen, dtype=torch.uint8)
+        packed = q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)  # LSB-first along in
+    else:
+        packed = torch.randint(0, 256, (out, k // 8), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(out, k // group_size, generator=gen) * (2 / k) ** 0.5 + 1e-3
+    return types.SimpleNamespace(kind=kind, shape=(out, k), group_size=group_size, bits=bits, packed=packed,
+                                 scales=scales)
+
+
+def random_state(cfg: TransformerConfig, kind: str, group_size: int = 128, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Flux2Transformer(cfg).state_dict().items()}
+    state = {}
+    for key, shape in shapes.items():
+        if key.startswith(("transformer_blocks.", "single_transformer_blocks.")) and len(shape) == 2:
+            state[key] = random_lowbit(shape, kind, group_size, gen)
+        elif len(shape) == 1:
+            state[key] = torch.ones(shape)
+        else:
+            state[key] = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+    return state
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def denoise(model, x, features, sigmas, img_ids, txt_ids):
+    """Euler flow matching, as the torch runtime does it (fp32 update, cast back)."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        t = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
+        v = model(x, features, t, img_ids, txt_ids)
+        x = (x.float() + (s_next - s) * v.float()).to(x.dtype)
+    return x
+
+
+def bench(name: str, size: int, steps: int, kind: str, device: torch.device, dtype: torch.dtype, txt_len: int):
+    cfg = CONFIGS[name]
+    t0 = time.perf_counter()
+    model = load_transformer(random_state(cfg, kind), cfg, device=device, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    h = w = size // 16
+    x = latents.pack(latents.noise(0, size, size, channels=cfg.in_channels)).to(device, dtype)
+    features = torch.randn(1, txt_len, cfg.joint_attention_dim).to(device, dtype)
+    img_ids, txt_ids = latents.img_ids(h, w).to(device), latents.txt_ids(txt_len).to(device)
+    sigmas = SIGMAS_512[:steps] + [0.0]
+    denoise(model, x, features, [1.0, 0.0], img_ids, txt_ids)  # warm-up: one step
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    out = denoise(model, x, features, sigmas, img_ids, txt_ids)
+    sync(device)
+    total = time.perf_counter() - t0
+    if not torch.isfinite(out.float()).all():
+        raise RuntimeError(f"{name}: non-finite output")
+    return {
+        "config": name, "size": size, "steps": steps, "kind": kind, "device": str(device), "dtype": str(dtype),
+        "txt_len": txt_len, "tokens": h * w + txt_len, "load_s": round(load_s, 3), "total_s": round(total, 4),
+        "s_per_step": round(total / steps, 4),
+        "peak_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "packed_mb": round(sum(b.numel() * b.element_size() for b in model.buffers()) / 1e6, 1),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="tiny,klein-4b", help=f"comma list of {sorted(CONFIGS)}")
+    ap.add_argument("--size", type=int, default=256, help="square image size in pixels (multiple of 16)")
+    ap.add_argument("--steps", type=int, default=4, choices=range(1, 5))
+    ap.add_argument("--kind", default="ternary", choices=["ternary", "binary"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--txt-len", type=int, default=512, help="text tokens (the pipeline always pads to 512)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
+    rows = [bench(n, args.size, args.steps, args.kind, device, dtype, args.txt_len) for n in names]
+
+    cols = ["config", "size", "steps", "kind", "device", "dtype", "tokens", "s_per_step", "total_s", "peak_gb"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    if args.out:
+        meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "args": vars(args)}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""FLUX.2 [klein] transformer in plain torch. Attribute names are the diffusers checkpoint keys.
+
+Numerics follow diffusers' Flux2Transformer2DModel: the timestep sinusoid and RoPE run in fp32, the QK RMSNorm
+and everything else in the model dtype, and fp16 residual streams are clipped to the fp16 range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import TransformerConfig
+from ...latents import rope_tables
+from .linear import LowBitLinear
+
+FP16_MAX = 65504.0
+
+
+# --- small functions --------------------------------------------------------------------------------------------
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """t [B] -> [B, dim] float32 = [cos(t f), sin(t f)], f_k = max_period^(-k / (dim/2))."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t[:, None].float() * torch.exp(exponent)[None, :]  # [B, half]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Affine-free LayerNorm, then per-sample (1 + scale) and shift [B, 1, D]."""
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
+
+
+def split_mod(mod: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """[B, n*D] -> n chunks [B, 1, D]."""
+    return mod.unsqueeze(1).chunk(n, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2j, 2j+1) of x [B, H, N, d] by angles given as cos/sin [N, d] (each angle repeated twice)."""
+    x1, x2 = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, H, N, d/2] each
+    rotated = torch.stack([-x2, x1], dim=-1).flatten(3)  # (x0, x1) -> (-x1, x0)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """q, k, v [B, N, H, d] (already QK-normed) -> [B, N, H*d]; full non-causal attention, no mask."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2F] -> [..., F]; the first half is the SiLU gate."""
+    gate, value = x.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
+def clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
+
+
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=False)
+
+
+# --- modules ----------------------------------------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.linear_1 = _linear(channels, dim)
+        self.linear_2 = _linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeGuidanceEmbed(nn.Module):
+    """klein has no guidance embedder; only the timestep branch exists."""
+
+    def __init__(self, channels: int, dim: int):
+        super().__init__()
+        self.channels = channels
+        self.timestep_embedder = TimestepEmbedder(channels, dim)
+
+    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+        """timestep [B] (already x1000, model dtype) -> temb [B, D]."""
+        return self.timestep_embedder(timestep_sinusoid(timestep, self.channels).to(timestep.dtype))
+
+
+class Modulation(nn.Module):
+    """SiLU(temb) -> n_sets * (shift, scale, gate); computed once per forward and shared by all blocks."""
+
+    def __init__(self, dim: int, n_sets: int):
+        super().__init__()
+        self.linear = _linear(dim, 3 * n_sets * dim)
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.silu(temb))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear_in = _linear(dim, 2 * hidden)
+        self.linear_out = _linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_out(swiglu(self.linear_in(x)))
+
+
+class JointAttention(nn.Module):
+    """Attention over [text; image] with separate projections per stream (the double-stream block's attention)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.to_q, self.to_k, self.to_v = _linear(dim, inner), _linear(dim, inner), _linear(dim, inner)
+        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        self.to_out = nn.ModuleList([_linear(inner, dim)])  # key "to_out.0" (diffusers keeps a dropout at [1])
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = _linear(dim, inner), _linear(dim, inner), _linear(dim, inner)
+        self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        self.to_add_out = _linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, N_img, D], c [B, N_txt, D] -> (image out, text out)."""
+        heads = lambda t: t.unflatten(-1, (-1, self.head_dim))  # [B, N, D] -> [B, N, H, d]  # noqa: E731
+        q = torch.cat([self.norm_added_q(heads(self.add_q_proj(c))), self.norm_q(heads(self.to_q(x)))], dim=1)
+        k = torch.cat([self.norm_added_k(heads(self.add_k_proj(c))), self.norm_k(heads(self.to_k(x)))], dim=1)
+        v = torch.cat([heads(self.add_v_proj(c)), heads(self.to_v(x))], dim=1)
+        out = attention(q, k, v, rope)
+        out_c, out_x = out.split([c.shape[1], x.shape[1]], dim=1)
+        return self.to_out[0](out_x), self.to_add_out(out_c)
+
+
+class DoubleStreamBlock(nn.Module):
+    """MMDiT block: image and text streams with their own weights, one joint attention."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.attn = JointAttention(cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.eps)
+        self.ff = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
+        self.ff_context = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
+
+    def forward(self, x, c, mod_img, mod_txt, rope):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = split_mod(mod_img, 6)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = split_mod(mod_txt, 6)
+        attn_x, attn_c = self.attn(
+            modulate(x, shift_msa, scale_msa, self.eps), modulate(c, c_shift_msa, c_scale_msa, self.eps), rope
+        )
+        x = x + gate_msa * attn_x
+        x = x + gate_mlp * self.ff(modulate(x, shift_mlp, scale_mlp, self.eps))
+        c = c + c_gate_msa * attn_c
+        c = c + c_gate_mlp * self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp, self.eps))
+        return x, clip_fp16(c)
+
+
+class ParallelSelfAttention(nn.Module):
+    """ViT-22B style: one input projection for q, k, v and the MLP, one output projection for both."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.head_dim, self.inner = head_dim, heads * head_dim
+        self.to_qkv_mlp_proj = _linear(dim, 3 * self.inner + 2 * mlp_hidden)
+        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        self.to_out = _linear(self.inner + mlp_hidden, dim)
+
+    def forward(self, h: torch.Tensor, rope) -> torch.Tensor:
+        proj = self.to_qkv_mlp_proj(h)
+        qkv, mlp = proj.split([3 * self.inner, proj.shape[-1] - 3 * self.inner], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in qkv.chunk(3, dim=-1))  # [B, N, H, d]
+        out = attention(self.norm_q(q), self.norm_k(k), v, rope)
+        return self.to_out(torch.cat([out, swiglu(mlp)], dim=-1))
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.attn = ParallelSelfAttention(
+            cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_hidden_dim, cfg.eps
+        )
+
+    def forward(self, h, mod, rope):
+        shift, scale, gate = split_mod(mod, 3)
+        return clip_fp16(h + gate * self.attn(modulate(h, shift, scale, self.eps), rope))
+
+
+class NormOut(nn.Module):
+    """Final adaptive LayerNorm; the projection yields [scale | shift] (diffusers order)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.linear = _linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = split_mod(self.linear(F.silu(temb).to(x.dtype)), 2)
+        return modulate(x, shift, scale, self.eps)
+
+
+class Flux2Transformer(nn.Module):
+    """Velocity model. forward(x [B, N_img, in], context [B, N_txt, joint], sigma [B], img_ids, txt_ids)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.inner_dim
+        self.x_embedder = _linear(cfg.in_channels, dim)
+        self.context_embedder = _linear(cfg.joint_attention_dim, dim)
+        self.time_guidance_embed = TimeGuidanceEmbed(cfg.timestep_guidance_channels, dim)
+        self.double_stream_modulation_img = Modulation(dim, 2)
+        self.double_stream_modulation_txt = Modulation(dim, 2)
+        self.single_stream_modulation = Modulation(dim, 1)
+        self.transformer_blocks = nn.ModuleList([DoubleStreamBlock(cfg) for _ in range(cfg.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList([SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)])
+        self.norm_out = NormOut(dim, cfg.eps)
+        self.proj_out = _linear(dim, cfg.out_dim)
+
+    def rope(self, img_ids: torch.Tensor, txt_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) float32 [N_txt + N_img, head_dim], text first like the sequence."""
+        ids = torch.cat([txt_ids[0] if txt_ids.ndim == 3 else txt_ids, img_ids[0] if img_ids.ndim == 3 else img_ids])
+        cos, sin = rope_tables(ids, self.config.axes_dims_rope, self.config.rope_theta)
+        return cos.to(device), sin.to(device)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids) -> torch.Tensor:
+        x, c = hidden_states, encoder_hidden_states
+        # The pipeline passes sigma; the model embeds sigma * 1000, rounded to the model dtype first.
+        temb = self.time_guidance_embed(timestep.to(x.dtype) * 1000)
+        mod_img = self.double_stream_modulation_img(temb)
+        mod_txt = self.double_stream_modulation_txt(temb)
+        mod_single = self.single_stream_modulation(temb)
+
+        x, c = self.x_embedder(x), self.context_embedder(c)
+        rope = self.rope(img_ids, txt_ids, x.device)
+        for block in self.transformer_blocks:
+            x, c = block(x, c, mod_img, mod_txt, rope)
+
+        h = torch.cat([c, x], dim=1)  # [B, N_txt + N_img, D]
+        for block in self.single_transformer_blocks:
+            h = block(h, mod_single, rope)
+        x = h[:, c.shape[1]:]
+        return self.proj_out(self.norm_out(x, temb))
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def _is_lowbit(v) -> bool:
+    return not isinstance(v, torch.Tensor) and hasattr(v, "packed") and hasattr(v, "scales")
+
+
+def load_transformer(tensors: dict, config: TransformerConfig, device="cpu", dtype: torch.dtype = torch.float32,
+                     make_linear=LowBitLinear) -> Flux2Transformer:
+    """Build the model from a diffusers-keyed state dict whose values are tensors or `LowBitWeight`s.
+
+    Linears given as `LowBitWeight` become `make_linear(weight, device=, dtype=)` (never densified here); dense
+    tensors are cast to `dtype` and assigned. Strict: missing, unexpected or mis-shaped keys raise ValueError.
+    """
+    with torch.device("meta"):
+        model = Flux2Transformer(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = []
+    for key, value in tensors.items():
+        if key not in expected:
+            continue
+        if _is_lowbit(value) and key.removesuffix(".weight") not in linears:
+            wrong.append(f"{key}: low-bit weight for a non-linear parameter")
+        elif tuple(value.shape) != expected[key]:
+            wrong.append(f"{key}: expected {expected[key]}, got {tuple(value.shape)}")
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if wrong:
+            parts.append(f"wrong shapes {wrong}")
+        raise ValueError(f"transformer state dict does not match the config: {'; '.join(parts)}")
+
+    dense = {}
+    for key, value in tensors.items():
+        if _is_lowbit(value):
+            parent_name, _, child = key.removesuffix(".weight").rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, make_linear(value, device=device, dtype=dtype))
+        else:
+            dense[key] = value.to(device=device, dtype=dtype)
+    # Only dense keys are loaded here; the low-bit modules above already hold their buffers.
+    model.load_state_dict(dense, strict=False, assign=True)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ValueError(f"transformer parameters left unloaded: {still_meta}")
+    return model.eval().requires_grad_(False)

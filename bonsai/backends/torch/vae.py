@@ -1,0 +1,248 @@
+"""FLUX.2 VAE decoder in plain torch (decode path only). Attribute names are the AutoencoderKLFlux2 keys."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import latents as L
+from ...config import VAEConfig
+
+GN_EPS = 1e-6
+AUTO_TILE_ABOVE = 128  # VAE latent pixels (1024 image pixels) per side; larger images decode in tiles
+IGNORED_PREFIXES = ("encoder.", "quant_conv.")  # the encode path, unused for text-to-image
+IGNORED_KEYS = ("bn.num_batches_tracked",)
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=GN_EPS)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=GN_EPS)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all positions, with a GroupNorm in front and a residual."""
+
+    def __init__(self, c: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=GN_EPS)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # key "to_out.0"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
+        out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c: int, groups: int, add_attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, c, groups), ResnetBlock2D(c, c, groups)])
+        self.attentions = nn.ModuleList([Attention(c, groups)]) if add_attention else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, n_resnets: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, groups) for i in range(n_resnets)]
+        )
+        self.upsamplers = nn.ModuleList([Upsample(c_out)]) if upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.upsamplers is None else self.upsamplers[0](x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans, groups = cfg.decoder_channels, cfg.norm_num_groups
+        top = chans[-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, top, 3, padding=1)
+        self.mid_block = MidBlock(top, groups, cfg.mid_block_add_attention)
+        rev = list(reversed(chans))
+        self.up_blocks = nn.ModuleList(
+            UpBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups, upsample=i < len(rev) - 1)
+            for i in range(len(rev))
+        )
+        self.conv_norm_out = nn.GroupNorm(groups, chans[0], eps=GN_EPS)
+        self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class BatchStats(nn.Module):
+    """The VAE's affine-free BatchNorm over patchified latents; only its running statistics are used."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+
+# --- tiling -----------------------------------------------------------------------------------------------------
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    starts = list(range(0, n - tile + 1, tile - overlap))
+    if starts[-1] + tile < n:
+        starts.append(n - tile)  # last tile flush with the edge; it overlaps its neighbour by more
+    return starts
+
+
+def _edge_weights(length: int, ramp: int, lead: bool, trail: bool, blend: str) -> torch.Tensor:
+    """[length] weights rising over `ramp` pixels at each edge shared with a neighbouring tile."""
+    w = torch.ones(length, dtype=torch.float32)
+    ramp = min(ramp, length)
+    if ramp > 0:
+        r = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp  # strictly inside (0, 1): no zero weights
+        r = r if blend == "linear" else 0.5 - 0.5 * torch.cos(math.pi * r)
+        if lead:
+            w[:ramp] = torch.minimum(w[:ramp], r)
+        if trail:
+            w[length - ramp:] = torch.minimum(w[length - ramp:], r.flip(0))
+    return w
+
+
+def blend_tiles(fn, z: torch.Tensor, tile: int, overlap: int, scale: int, blend: str = "cosine") -> torch.Tensor:
+    """Apply `fn` ([B, C, h, w] -> [B, C', h*scale, w*scale]) on overlapping tiles of z and blend the results.
+
+    Tiles are `tile` latent pixels with `overlap` shared pixels; overlaps are cross-faded with a linear or
+    cosine ramp and the sum is normalised by the total weight, so a local `fn` is reproduced exactly.
+    """
+    if blend not in ("linear", "cosine"):
+        raise ValueError(f"blend must be 'linear' or 'cosine', got {blend!r}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
+    _, _, h, w = z.shape
+    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
+    out = total = None
+    for y0 in ys:
+        for x0 in xs:
+            piece = fn(z[:, :, y0:y0 + tile, x0:x0 + tile]).float()
+            th, tw = piece.shape[-2:]
+            wy = _edge_weights(th, overlap * scale, y0 > 0, y0 + tile < h, blend)
+            wx = _edge_weights(tw, overlap * scale, x0 > 0, x0 + tile < w, blend)
+            weight = (wy[:, None] * wx[None, :]).to(piece.device)  # [th, tw]
+            if out is None:
+                out = piece.new_zeros(piece.shape[0], piece.shape[1], h * scale, w * scale)
+                total = piece.new_zeros(h * scale, w * scale)
+            ys_, xs_ = slice(y0 * scale, y0 * scale + th), slice(x0 * scale, x0 * scale + tw)
+            out[:, :, ys_, xs_] += piece * weight
+            total[ys_, xs_] += weight
+    return (out / total).to(z.dtype)
+
+
+# --- model ------------------------------------------------------------------------------------------------------
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3], with the arithmetic of diffusers' postprocess."""
+    x = (image.float() / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+class VAEDecoder(nn.Module):
+    """post_quant_conv + decoder + BN statistics of AutoencoderKLFlux2."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
+        self.decoder = Decoder(cfg)
+        self.bn = BatchStats(4 * cfg.latent_channels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents [B, latent_channels, h, w] -> image [B, 3, h*scale, w*scale] in about [-1, 1]."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor, tile: bool | None = None, tile_size: int = 64, tile_overlap: int = 16,
+               blend: str = "cosine") -> torch.Tensor:
+        """Like forward, optionally over overlapping tiles (sizes in VAE latent pixels); tile=None tiles large inputs."""
+        if tile is None:
+            tile = max(z.shape[-2:]) > AUTO_TILE_ABOVE
+        if not tile:
+            return self(z)
+        return blend_tiles(self, z, tile_size, tile_overlap, self.config.scale_factor, blend)
+
+    def latents_to_vae(self, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed transformer latents [B, h*w, 4*latent_channels] -> VAE latents [B, latent_channels, 2h, 2w]."""
+        h, w = L.latent_size(height, width)
+        c = 4 * self.config.latent_channels
+        if packed.ndim != 3 or packed.shape[1:] != (h * w, c):
+            raise ValueError(f"latents for {height}x{width} must be [B, {h * w}, {c}], got {tuple(packed.shape)}")
+        z = L.bn_denormalize(L.unpack(packed, h, w), self.bn.running_mean, self.bn.running_var,
+                             self.config.batch_norm_eps)
+        return L.unpatchify(z)
+
+    @torch.inference_mode()
+    def decode_latents(self, packed: torch.Tensor, height: int, width: int, tile: bool | None = None,
+                       tile_size: int = 64, tile_overlap: int = 16, blend: str = "cosine") -> np.ndarray:
+        """Packed latents [B, N_img, 128] -> uint8 images [B, H, W, 3] (H, W floored to multiples of 16)."""
+        z = self.latents_to_vae(packed.to(self.bn.running_mean.device), height, width)
+        z = z.to(self.decoder.conv_in.weight.dtype)
+        return to_uint8(self.decode(z, tile, tile_size, tile_overlap, blend))
+
+
+def decoder_state(state: dict) -> dict:
+    """Keep the decode-path keys of a full AutoencoderKLFlux2 state dict; drop the encoder path."""
+    return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS}
+
+
+def load_vae_decoder(state: dict, config: VAEConfig, device="cpu", dtype: torch.dtype = torch.float32) -> VAEDecoder:
+    """Build the decoder from a full VAE state dict; strict on decoder keys (ValueError lists any mismatch)."""
+    with torch.device("meta"):
+        model = VAEDecoder(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = decoder_state(state)
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [f"{k}: expected {expected[k]}, got {tuple(v.shape)}"
+             for k, v in given.items() if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{name} {items}" for name, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
+        raise ValueError(f"VAE state dict does not match the config: {'; '.join(parts)}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in given.items()}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

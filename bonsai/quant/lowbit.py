@@ -1,0 +1,217 @@
+"""`LowBitWeight`: one in-memory form for a group-wise binary or ternary weight, and its released layouts.
+
+Canonical storage: `packed` uint8 [out, in * bits / 8] with codes LSB-first along `in` (ternary: 2 bits, q = t + 1;
+binary: 1 bit, q = (b + 1) / 2) and `scales` float32 [out, in // group_size], so W[o, j] = t[o, j] * s[o, j // g].
+The MLX uint32 words are these bytes read little-endian, and gemlite's 8-bit packing is their transpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
+
+BITS = {"ternary": 2, "binary": 1}
+GEMLITE_FP16, GEMLITE_FP32, GEMLITE_MODE_FMA = 1, 0, 4
+
+
+def _kind_of_bits(bits: int, where: str) -> str:
+    for kind, b in BITS.items():
+        if b == bits:
+            return kind
+    raise ValueError(f"{where}: bits must be 2 (ternary) or 1 (binary), got {bits}")
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{where}: {msg}")
+
+
+@dataclass(frozen=True, eq=False)
+class LowBitWeight:
+    kind: str
+    packed: torch.Tensor  # uint8 [out, in * bits / 8]
+    scales: torch.Tensor  # float32 [out, in // group_size]
+    group_size: int = 128
+
+    def __post_init__(self):
+        _check(self.kind in BITS, "LowBitWeight", f"kind must be 'ternary' or 'binary', got {self.kind!r}")
+        _check(self.packed.dtype == torch.uint8 and self.packed.ndim == 2, "LowBitWeight",
+               f"packed must be a 2-D uint8 tensor, got {self.packed.dtype} {tuple(self.packed.shape)}")
+        out, k = self.shape
+        _check(k % self.group_size == 0, "LowBitWeight", f"in_features {k} is not a multiple of group_size {self.group_size}")
+        _check(self.scales.dtype == torch.float32 and tuple(self.scales.shape) == (out, k // self.group_size),
+               "LowBitWeight", f"scales must be float32 {(out, k // self.group_size)}, got {self.scales.dtype} "
+               f"{tuple(self.scales.shape)}")
+
+    # -- properties ---------------------------------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        return BITS[self.kind]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed.shape[0], self.packed.shape[1] * 8 // self.bits)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """int8 [out, in] in {-1, 0, +1} (ternary) or {-1, +1} (binary)."""
+        q = unpack_bits(self.packed, self.bits).to(torch.int8)
+        return q - 1 if self.kind == "ternary" else 2 * q - 1
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense [out, in]. Exact in float32; in 16-bit it is t * round(s), exact for bf16-representable s."""
+        out, k = self.shape
+        t = self.codes.to(torch.float32).view(out, k // self.group_size, self.group_size)  # [out, G, g]
+        return (t * self.scales.unsqueeze(-1)).view(out, k).to(dtype)
+
+    def to(self, device) -> "LowBitWeight":
+        return LowBitWeight(self.kind, self.packed.to(device), self.scales.to(device), self.group_size)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * 4
+
+    # -- constructors --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, kind: str, group_size: int = 128,
+                   name: str = "weight") -> "LowBitWeight":
+        """codes: int [out, in] in the kind's value set; scales: [out, in // group_size]."""
+        _check(kind in BITS, name, f"kind must be 'ternary' or 'binary', got {kind!r}")
+        codes = codes.to(torch.int16)
+        allowed = (-1, 0, 1) if kind == "ternary" else (-1, 1)
+        bad = ~torch.isin(codes, torch.tensor(allowed, dtype=torch.int16))
+        if bool(bad.any()):
+            raise ValueError(f"{name}: {kind} codes must be in {allowed}, found {int(codes[bad][0])}")
+        q = codes + 1 if kind == "ternary" else (codes + 1) // 2
+        return cls(kind, pack_bits(q.to(torch.uint8), BITS[kind]), scales.to(torch.float32).contiguous(), group_size)
+
+    @classmethod
+    def quantize(cls, dense: torch.Tensor, kind: str, group_size: int = 128) -> "LowBitWeight":
+        """Our quantizer (see docs/formats.md). A weight that already is s * codes per group comes back bit-exactly.
+
+        ternary: threshold 0.7 * mean|w| per group (TWN), s = mean |w| over the kept weights;
+        binary: sign (0 -> +1), s = mean |w|. When every kept |w| of a group is equal, s is that value exactly.
+        """
+        _check(kind in BITS, "quantize", f"kind must be 'ternary' or 'binary', got {kind!r}")
+        _check(dense.ndim == 2 and dense.shape[1] % group_size == 0, "quantize",
+               f"weight must be [out, in] with in a multiple of {group_size}, got {tuple(dense.shape)}")
+        out, k = dense.shape
+        w = dense.detach().to(torch.float64).reshape(out, k // group_size, group_size)  # [out, G, g]
+        a = w.abs()
+        if kind == "ternary":
+            keep = a > 0.7 * a.mean(-1, keepdim=True)
+            t = torch.sign(w) * keep
+        else:
+            keep = torch.ones_like(a, dtype=torch.bool)
+            t = torch.where(w < 0, -1.0, 1.0)
+        n = keep.sum(-1)
+        mean = (a * keep).sum(-1) / n.clamp(min=1)
+        amax = a.masked_fill(~keep, 0).amax(-1)
+        amin = a.masked_fill(~keep, float("inf")).amin(-1)
+        s = torch.where(amax == amin, amax, mean).masked_fill(n == 0, 0.0)
+        return cls.from_codes(t.reshape(out, k), s.to(torch.float32), kind, group_size)
+
+    # -- gemlite (transformer-gemlite-int{1,2}/state_dict.pt) ---------------------------------------------------
+    @classmethod
+    def from_gemlite(cls, W_q, scales, zeros, metadata, orig_shape, name: str = "weight") -> "LowBitWeight":
+        """Tensors as stored per linear in a released gemlite state_dict (W_group_mode 4: W = q * scales + zeros)."""
+        md = [int(v) for v in torch.as_tensor(metadata).flatten().tolist()]
+        _check(len(md) == 12, f"{name}.metadata", f"expected 12 gemlite meta args, got {len(md)}")
+        bits, group_size, mask, eps, mode = md[1], md[2], md[3], md[4], md[10]
+        kind = _kind_of_bits(bits, f"{name}.metadata[1] (W_nbits)")
+        _check(mask == (1 << bits) - 1, f"{name}.metadata[3]", f"unpack_mask {mask} != {(1 << bits) - 1} for {bits}-bit")
+        _check(mode == GEMLITE_MODE_FMA, f"{name}.metadata[10]", f"W_group_mode must be 4 (q*scales+zeros), got {mode}")
+        shape = [int(v) for v in torch.as_tensor(orig_shape).flatten().tolist()]
+        _check(len(shape) == 2, f"{name}.orig_shape", f"expected [out, in], got {shape}")
+        out, k = shape
+        width = W_q.element_size() * 8
+        _check(W_q.dtype in (torch.uint8, torch.int32), f"{name}.W_q", f"dtype must be uint8 or int32, got {W_q.dtype}")
+        _check(eps == width // bits, f"{name}.metadata[4]",
+               f"elements_per_sample {eps} does not match {W_q.dtype} W_q with {bits}-bit codes ({width // bits})")
+        _check(k % group_size == 0 and k % eps == 0, f"{name}.orig_shape", f"in={k} not a multiple of {group_size}")
+        _check(tuple(W_q.shape) == (k // eps, out), f"{name}.W_q",
+               f"shape {tuple(W_q.shape)} does not match orig_shape {shape}: expected [in/{eps}, out] = {(k // eps, out)}")
+        for key, t in (("scales", scales), ("zeros", zeros)):
+            _check(tuple(t.shape) == (k // group_size, out), f"{name}.{key}",
+                   f"shape {tuple(t.shape)}, expected [in/{group_size}, out] = {(k // group_size, out)}")
+            _check(t.is_floating_point(), f"{name}.{key}", f"must be a float tensor, got {t.dtype}")
+        # [in/eps, out] -> [out, in/eps]; int32 words are little-endian bytes in the same LSB-first order.
+        packed = W_q.t().contiguous().view(torch.uint8)
+        s, z = scales.t().to(torch.float32), zeros.t().to(torch.float32)
+        if kind == "ternary":
+            _check(torch.equal(z, -s), f"{name}.zeros", "ternary packs need zeros == -scales (W = (q - 1) * s)")
+            _check(not bool((unpack_bits(packed, 2) == 3).any()), f"{name}.W_q", "ternary code 3 is not a valid trit")
+        else:
+            _check(torch.equal(z, -s / 2), f"{name}.zeros", "binary packs need zeros == -scales / 2 (W = (2q - 1) * s)")
+            s = s / 2
+        return cls(kind, packed, s.contiguous(), group_size)
+
+    def to_gemlite(self) -> dict[str, torch.Tensor]:
+        """The released gemlite layout (8-bit packing, float32 meta, fma mode)."""
+        out, k = self.shape
+        bits, eps = self.bits, 8 // self.bits
+        s = self.scales if self.kind == "ternary" else 2 * self.scales
+        z = -self.scales
+        metadata = [0, bits, self.group_size, (1 << bits) - 1, eps, GEMLITE_FP16, GEMLITE_FP16, GEMLITE_FP32,
+                    GEMLITE_FP32, 0, GEMLITE_MODE_FMA, 1]
+        return {
+            "W_q": self.packed.t().contiguous(),  # [in/eps, out]
+            "scales": s.t().contiguous(),  # [in/g, out]
+            "zeros": z.t().contiguous(),
+            "metadata": torch.tensor(metadata, dtype=torch.int32),
+            "orig_shape": torch.tensor([out, k], dtype=torch.int32),
+        }
+
+    # -- MLX (transformer-packed-mflux/*.safetensors) -----------------------------------------------------------
+    @classmethod
+    def from_mlx(cls, weight, scales, biases, bits: int, group_size: int = 128, name: str = "weight") -> "LowBitWeight":
+        """MLX affine tensors: uint32 weight [out, in*bits/32], bf16 scales and biases [out, in/group_size]."""
+        kind = _kind_of_bits(bits, f"{name}: bits")
+        _check(weight.dtype in (torch.uint32, torch.int32) and weight.ndim == 2, f"{name}.weight",
+               f"must be a 2-D uint32 tensor, got {weight.dtype} {tuple(weight.shape)}")
+        out, words = weight.shape
+        k = words * 32 // bits
+        _check(k % group_size == 0, f"{name}.weight", f"in_features {k} is not a multiple of group_size {group_size}")
+        for key, t in (("scales", scales), ("biases", biases)):
+            _check(tuple(t.shape) == (out, k // group_size), f"{name}.{key}",
+                   f"shape {tuple(t.shape)}, expected {(out, k // group_size)} for weight {tuple(weight.shape)}")
+        packed = weight.contiguous().view(torch.uint8)  # little-endian words -> bytes, same LSB-first order
+        s, b = scales.to(torch.float32), biases.to(torch.float32)
+        if kind == "ternary":
+            _check(torch.equal(b, -s), f"{name}.biases", "ternary packs need biases == -scales (W = (q - 1) * s)")
+            _check(not bool((unpack_bits(packed, 2) == 3).any()), f"{name}.weight", "ternary code 3 is not a valid trit")
+        else:
+            _check(torch.equal(b, -s / 2), f"{name}.biases", "binary packs need biases == -scales / 2 (W = (2q - 1) * s)")
+            s = s / 2
+        return cls(kind, packed, s.contiguous(), group_size)
+
+    def to_mlx(self) -> dict[str, torch.Tensor]:
+        """The released MLX layout. Raises if a scale is not exactly representable in bf16."""
+        s = self.scales if self.kind == "ternary" else 2 * self.scales
+        s16 = s.to(torch.bfloat16)
+        _check(torch.equal(s16.float(), s), "to_mlx", "scales are not exactly representable in bfloat16 (MLX stores "
+               "bf16 scales); converting would change the weights")
+        return {"weight": self.packed.view(torch.uint32), "scales": s16, "biases": (-self.scales).to(torch.bfloat16)}
+
+    # -- compact (ours: 5 trits per byte for ternary, 1 bit for binary) ----------------------------------------
+    def to_compact(self) -> dict[str, torch.Tensor]:
+        codes = pack_trits(unpack_bits(self.packed, 2)) if self.kind == "ternary" else self.packed
+        return {"codes": codes, "scales": self.scales}
+
+    @classmethod
+    def from_compact(cls, codes, scales, kind: str, in_features: int, group_size: int = 128,
+                     name: str = "weight") -> "LowBitWeight":
+        _check(kind in BITS, name, f"kind must be 'ternary' or 'binary', got {kind!r}")
+        out = codes.shape[0]
+        expected = (out, -(-in_features // 5)) if kind == "ternary" else (out, in_features // 8)
+        _check(codes.dtype == torch.uint8 and tuple(codes.shape) == expected, f"{name}.codes",
+               f"expected uint8 {expected}, got {codes.dtype} {tuple(codes.shape)}")
+        try:
+            packed = pack_bits(unpack_trits(codes, in_features), 2) if kind == "ternary" else codes.contiguous()
+        except ValueError as e:
+            raise ValueError(f"{name}.codes: {e}") from None
+        _check(tuple(scales.shape) == (out, in_features // group_size), f"{name}.scales",
+               f"expected {(out, in_features // group_size)}, got {tuple(scales.shape)}")
+        return cls(kind, packed, scales.to(torch.float32).contiguous(), group_size)

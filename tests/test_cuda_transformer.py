@@ -1,0 +1,111 @@
+"""The transformer with CUDA linears equals the torch reference backend (same random low-bit weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TINY = dict(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=64,
+            axes_dims_rope=(16, 16, 16, 16), joint_attention_dim=256)
+REAL_WIDTH_FEW_LAYERS = dict(num_layers=1, num_single_layers=2)  # klein 4B widths, 3 of 25 blocks
+
+
+class _PackedWeight:
+    """Stand-in with the LowBitWeight attributes the linears read, used only if bonsai.quant.lowbit is absent."""
+
+    group_size = 128
+
+    def __init__(self, codes, scales, kind):
+        self.kind, self.shape, self.scales = kind, tuple(codes.shape), scales
+        self.bits = 2 if kind == "ternary" else 1
+        per = 8 // self.bits
+        q = (codes + 1 if kind == "ternary" else (codes + 1) // 2).to(torch.uint8).view(codes.shape[0], -1, per)
+        self.packed = torch.zeros(q.shape[:2], dtype=torch.uint8)
+        for j in range(per):
+            self.packed |= q[:, :, j] << (j * self.bits)
+
+
+def _lowbit(codes, scales, kind):
+    try:
+        from bonsai.quant.lowbit import LowBitWeight
+    except ImportError:
+        return _PackedWeight(codes, scales, kind)
+    return LowBitWeight.from_codes(codes, scales, kind)
+
+
+def random_tensors(cfg, kind, seed=0):
+    """diffusers-keyed dict: LowBitWeight for the block linears (the ones Bonsai quantizes), dense otherwise."""
+    from bonsai.backends.torch.transformer import Flux2Transformer
+
+    with torch.device("meta"):
+        model = Flux2Transformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, meta in model.state_dict().items():
+        shape = tuple(meta.shape)
+        if key.endswith("norm_q.weight") or key.endswith("norm_k.weight") or "norm_added" in key:
+            out[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif key.startswith(("transformer_blocks.", "single_transformer_blocks.")) and len(shape) == 2:
+            n, k = shape
+            if kind == "ternary":
+                codes = torch.randint(-1, 2, shape, generator=g, dtype=torch.int8)
+            else:
+                codes = torch.randint(0, 2, shape, generator=g, dtype=torch.int8) * 2 - 1
+            scales = (torch.rand(n, k // 128, generator=g) + 0.5) / math.sqrt(k)
+            out[key] = _lowbit(codes, scales, kind)
+        else:
+            fan_in = shape[-1] if len(shape) == 2 else 1
+            out[key] = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+    return out
+
+
+def inputs(cfg, h=8, w=8, n_txt=32, seed=1):
+    from bonsai import latents
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, h * w, cfg.in_channels, generator=g)
+    c = torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g)
+    t = torch.tensor([0.7])
+    return x, c, t, latents.img_ids(h, w), latents.txt_ids(n_txt)
+
+
+def run(model, args, dtype):
+    x, c, t, img, txt = args
+    with torch.inference_mode():
+        return model(x.cuda().to(dtype), c.cuda().to(dtype), t.cuda().to(dtype), img.cuda(), txt.cuda()).float()
+
+
+@pytest.mark.parametrize("kind", ["ternary", "binary"])
+@pytest.mark.parametrize("linear", ["fast", "gemlite"])
+@pytest.mark.parametrize("size", ["tiny", "real_width"])
+def test_cuda_transformer_matches_torch_backend(kind, linear, size):
+    if linear == "gemlite":
+        pytest.importorskip("gemlite")
+    from bonsai.backends.cuda.linear import make_linear_factory
+    from bonsai.backends.torch.linear import LowBitLinear
+    from bonsai.backends.torch.transformer import load_transformer
+    from bonsai.config import TransformerConfig
+
+    cfg = TransformerConfig(**(TINY if size == "tiny" else REAL_WIDTH_FEW_LAYERS))
+    tensors = random_tensors(cfg, kind)
+    args = inputs(cfg, h=8, w=8, n_txt=32) if size == "tiny" else inputs(cfg, h=32, w=32, n_txt=512)
+    dtype = torch.bfloat16
+    ref_model = load_transformer(tensors, cfg, device="cuda", dtype=dtype, make_linear=LowBitLinear)
+    ref = run(ref_model, args, dtype)
+    del ref_model
+    model = load_transformer(tensors, cfg, device="cuda", dtype=dtype, make_linear=make_linear_factory(linear))
+    y = run(model, args, dtype)
+    assert torch.isfinite(y).all()
+    err = ((y - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+
+
+def test_make_linear_factory_rejects_unknown():
+    from bonsai.backends.cuda.linear import make_linear_factory
+
+    with pytest.raises(ValueError, match="linear must be one of"):
+        make_linear_factory("marlin")
