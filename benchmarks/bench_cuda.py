@@ -34,33 +34,38 @@ SIZES = {"512": (512, 512), "1024": (1024, 1024)}
 TEXT_TOKENS = 512
 
 
-class RandomLowBit:
-    """Packed random binary/ternary weight built on the GPU (the LowBitWeight attributes the linears read)."""
+def random_lowbit(out_f, in_f, kind, gen):
+    """A random packed binary/ternary LowBitWeight built on the GPU (speed does not depend on the values)."""
+    from bonsai.quant.lowbit import LowBitWeight
 
-    group_size = 128
+    bits = 2 if kind == "ternary" else 1
+    per = 8 // bits
+    q = torch.randint(0, 3 if kind == "ternary" else 2, (out_f, in_f // per, per), generator=gen,
+                      device="cuda", dtype=torch.uint8)  # [out, in / per, per] unsigned codes
+    packed = torch.zeros(out_f, in_f // per, dtype=torch.uint8, device="cuda")
+    for j in range(per):
+        packed |= q[:, :, j] << (j * bits)
+    scales = (torch.rand(out_f, in_f // 128, generator=gen, device="cuda") + 0.5) / math.sqrt(in_f)
+    return LowBitWeight(kind, packed, scales)
 
-    def __init__(self, out_f, in_f, kind, gen):
-        self.kind, self.shape = kind, (out_f, in_f)
-        self.bits = 2 if kind == "ternary" else 1
-        per = 8 // self.bits
-        q = torch.randint(0, 3 if kind == "ternary" else 2, (out_f, in_f // per, per), generator=gen,
-                          device="cuda", dtype=torch.uint8)  # [out, in / per, per] codes
-        packed = torch.zeros(out_f, in_f // per, dtype=torch.uint8, device="cuda")
-        for j in range(per):
-            packed |= q[:, :, j] << (j * self.bits)
-        self.packed = packed
-        self.scales = (torch.rand(out_f, in_f // 128, generator=gen, device="cuda") + 0.5) / math.sqrt(in_f)
 
-    def dense(self, dtype):
-        from bonsai.backends.cuda.kernels import expand_lowbit
+def dense_weight(weight, dtype):
+    from bonsai.backends.cuda.kernels import expand_lowbit
 
-        w = torch.empty(self.shape, device="cuda", dtype=dtype)
-        return expand_lowbit(self.packed, self.scales, self.bits, 128, self.shape[1], w)
+    w = torch.empty(weight.shape, device="cuda", dtype=dtype)
+    return expand_lowbit(weight.packed, weight.scales, weight.bits, 128, weight.shape[1], w)
+
+
+def gemlite_released(weight, device="cuda", dtype=torch.bfloat16):
+    """gemlite layer from the released layout (8-bit packing, float32 meta), loaded as stored."""
+    from bonsai.backends.cuda.gemlite import GemliteState, from_state
+
+    return from_state(GemliteState(weight.to_gemlite()).state, device=device, dtype=dtype)
 
 
 def dense_linear(weight, device="cuda", dtype=torch.bfloat16):
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    layer.weight = nn.Parameter(weight.dense(dtype), requires_grad=False)
+    layer.weight = nn.Parameter(dense_weight(weight, dtype), requires_grad=False)
     return layer
 
 
@@ -81,14 +86,10 @@ def bench_linears(dtype, with_gemlite, kinds):
     rows = []
     for kind in kinds:
         for name, k, n in FLUX_SHAPES:
-            w = RandomLowBit(n, k, kind, gen)
+            w = random_lowbit(n, k, kind, gen)
             ours = FastLowBitLinear(w)
-            wd = w.dense(dtype)
-            gl = None
-            if with_gemlite:
-                from bonsai.backends.cuda.gemlite import from_lowbit
-
-                gl = from_lowbit(w, dtype=dtype, packing_bitwidth=8)
+            wd = dense_weight(w, dtype)
+            gl = gemlite_released(w, dtype=dtype) if with_gemlite else None
             scratch = torch.empty(n, k, device="cuda", dtype=dtype)
             from bonsai.backends.cuda.kernels import expand_lowbit
 
@@ -128,7 +129,7 @@ def random_model_tensors(cfg, kind, seed=0):
     for key, meta in model.state_dict().items():
         shape = tuple(meta.shape)
         if key.startswith(("transformer_blocks.", "single_transformer_blocks.")) and len(shape) == 2:
-            out[key] = RandomLowBit(shape[0], shape[1], kind, gen)
+            out[key] = random_lowbit(shape[0], shape[1], kind, gen)
         elif len(shape) == 2:
             out[key] = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) / math.sqrt(shape[1])
         else:
@@ -152,9 +153,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
 
     makers = {"ours": FastLowBitLinear, "dense_bf16": dense_linear}
     if "gemlite" in impls:
-        from bonsai.backends.cuda.gemlite import from_lowbit
-
-        makers["gemlite"] = lambda w, device="cuda", dtype=dtype: from_lowbit(w, device=device, dtype=dtype)
+        makers["gemlite"] = gemlite_released
     rows = []
     for kind in kinds:
         tensors = random_model_tensors(KLEIN_4B, kind)

@@ -13,23 +13,6 @@ FLUX_SHAPES = [(3072, 3072), (3072, 18432), (9216, 3072), (3072, 27648), (12288,
 MS = [1, 64, 512, 1536, 4608]
 
 
-class _PackedWeight:
-    """Stand-in with the LowBitWeight attributes the fast path reads, used only if bonsai.quant.lowbit is absent."""
-
-    group_size = 128
-
-    def __init__(self, codes, scales, kind):
-        self.kind, self.shape, self.scales = kind, tuple(codes.shape), scales
-        self.bits = 2 if kind == "ternary" else 1
-        q = (codes + 1 if kind == "ternary" else (codes + 1) // 2).to(torch.uint8)
-        per = 8 // self.bits
-        q = q.view(codes.shape[0], -1, per)  # [out, in / per, per]
-        packed = torch.zeros(q.shape[:2], dtype=torch.uint8, device=codes.device)
-        for j in range(per):
-            packed |= q[:, :, j] << (j * self.bits)
-        self.packed = packed
-
-
 def make_weight(out_f, in_f, kind, seed=0):
     """(weight, codes int8 [out, in] on cuda, scales float32 [out, in/128] on cuda)."""
     g = torch.Generator("cuda").manual_seed(seed)
@@ -38,10 +21,8 @@ def make_weight(out_f, in_f, kind, seed=0):
     else:
         codes = torch.randint(0, 2, (out_f, in_f), generator=g, device="cuda", dtype=torch.int8) * 2 - 1
     scales = (torch.rand(out_f, in_f // 128, generator=g, device="cuda") + 0.5) / math.sqrt(in_f)
-    try:
-        from bonsai.quant.lowbit import LowBitWeight
-    except ImportError:
-        return _PackedWeight(codes, scales, kind), codes, scales
+    from bonsai.quant.lowbit import LowBitWeight
+
     return LowBitWeight.from_codes(codes.cpu(), scales.cpu(), kind), codes, scales
 
 
@@ -111,18 +92,17 @@ def test_fast_path_expand_matches_torch_dequantize(weights, kind):
         expand_lowbit(w.packed.cuda(), w.scales.cuda(), w.bits, 128, 3072, out)
         expected = codes.to(dtype) * scales.to(dtype).repeat_interleave(128, dim=1)
         assert torch.equal(out, expected)
-        if hasattr(w, "dequantize"):
-            assert torch.equal(out.cpu(), w.dequantize(dtype))
+        assert torch.equal(out.cpu(), w.dequantize(dtype))
 
 
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
 @pytest.mark.parametrize("in_f,out_f", FLUX_SHAPES)
 def test_gemlite_released_layout_flux_shapes(weights, gemlite_tuned, kind, in_f, out_f):
+    # The released layout as stored (float32 scales/zeros, 8-bit packing), loaded without repacking.
     w, codes, scales = weights(in_f, out_f, kind)
-    if not hasattr(w, "to_gemlite"):
-        pytest.skip("bonsai.quant.lowbit.LowBitWeight.to_gemlite not available")
     dtype = torch.bfloat16
-    layer = gemlite_tuned.make_gemlite_linear(w, device="cuda", dtype=dtype)
+    layer = gemlite_tuned.make_gemlite_linear(gemlite_tuned.GemliteState(w.to_gemlite()), device="cuda", dtype=dtype)
+    assert layer.W_q.dtype == torch.uint8 and layer.scales.dtype == torch.float32
     for m in MS:
         x = torch.randn(m, in_f, device="cuda").to(dtype)
         poison(m * out_f, dtype)

@@ -14,26 +14,9 @@ TINY = dict(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_
 REAL_WIDTH_FEW_LAYERS = dict(num_layers=1, num_single_layers=2)  # klein 4B widths, 3 of 25 blocks
 
 
-class _PackedWeight:
-    """Stand-in with the LowBitWeight attributes the linears read, used only if bonsai.quant.lowbit is absent."""
-
-    group_size = 128
-
-    def __init__(self, codes, scales, kind):
-        self.kind, self.shape, self.scales = kind, tuple(codes.shape), scales
-        self.bits = 2 if kind == "ternary" else 1
-        per = 8 // self.bits
-        q = (codes + 1 if kind == "ternary" else (codes + 1) // 2).to(torch.uint8).view(codes.shape[0], -1, per)
-        self.packed = torch.zeros(q.shape[:2], dtype=torch.uint8)
-        for j in range(per):
-            self.packed |= q[:, :, j] << (j * self.bits)
-
-
 def _lowbit(codes, scales, kind):
-    try:
-        from bonsai.quant.lowbit import LowBitWeight
-    except ImportError:
-        return _PackedWeight(codes, scales, kind)
+    from bonsai.quant.lowbit import LowBitWeight
+
     return LowBitWeight.from_codes(codes, scales, kind)
 
 
@@ -80,15 +63,16 @@ def run(model, args, dtype):
 
 
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
-@pytest.mark.parametrize("linear", ["fast", "gemlite"])
+@pytest.mark.parametrize("linear", ["fast", "gemlite", "gemlite_released"])
 @pytest.mark.parametrize("size", ["tiny", "real_width"])
 def test_cuda_transformer_matches_torch_backend(kind, linear, size):
-    if linear == "gemlite":
+    if linear.startswith("gemlite"):
         pytest.importorskip("gemlite")
     from bonsai.backends.cuda.linear import make_linear_factory
     from bonsai.backends.torch.linear import LowBitLinear
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.config import TransformerConfig
+    from bonsai.quant.lowbit import LowBitWeight
 
     cfg = TransformerConfig(**(TINY if size == "tiny" else REAL_WIDTH_FEW_LAYERS))
     tensors = random_tensors(cfg, kind)
@@ -97,6 +81,12 @@ def test_cuda_transformer_matches_torch_backend(kind, linear, size):
     ref_model = load_transformer(tensors, cfg, device="cuda", dtype=dtype, make_linear=LowBitLinear)
     ref = run(ref_model, args, dtype)
     del ref_model
+    if linear == "gemlite_released":
+        # The released gemlite layout, loaded as stored (what CudaRuntime does for gemlite repos).
+        from bonsai.backends.cuda.gemlite import GemliteState
+
+        tensors = {k: GemliteState(v.to_gemlite()) if isinstance(v, LowBitWeight) else v for k, v in tensors.items()}
+        linear = "gemlite"
     model = load_transformer(tensors, cfg, device="cuda", dtype=dtype, make_linear=make_linear_factory(linear))
     y = run(model, args, dtype)
     assert torch.isfinite(y).all()
@@ -109,3 +99,31 @@ def test_make_linear_factory_rejects_unknown():
 
     with pytest.raises(ValueError, match="linear must be one of"):
         make_linear_factory("marlin")
+
+
+@pytest.fixture(scope="module")
+def gemlite_repo(tmp_path_factory):
+    from bonsai import testing
+
+    return testing.write_repo(tmp_path_factory.mktemp("repo") / "ternary-gemlite", "gemlite", "ternary")
+
+
+@pytest.mark.parametrize("linear", ["fast", "gemlite"])
+def test_pipeline_renders_gemlite_repo_on_cuda(gemlite_repo, linear):
+    if linear == "gemlite":
+        pytest.importorskip("gemlite")
+    import numpy as np
+
+    from bonsai.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(gemlite_repo, backend="cuda", linear=linear)
+    assert pipe.backend == "cuda" and pipe.runtime.linear == linear
+    if linear == "gemlite":  # the released pack went into gemlite layers as stored (8-bit packing, fp32 meta)
+        layer = pipe.runtime.transformer.transformer_blocks[0].attn.to_q
+        assert type(layer).__name__ == "GemLiteLinearTriton" and layer.W_q.dtype == torch.uint8
+    pipe.runtime.warmup(sizes=((64, 64),), text_tokens=512)
+    got = np.asarray(pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
+    ref_pipe = Pipeline.from_pretrained(gemlite_repo, backend="torch", device="cuda", dtype=torch.bfloat16)
+    ref = np.asarray(ref_pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
+    assert got.shape == (64, 64, 3) and got.std() > 1.0
+    assert np.abs(got - ref).mean() < 3.0, np.abs(got - ref).mean()

@@ -143,13 +143,16 @@ def _lowbit_state(ref, cfg, kind, make=standin_lowbit):
     return state
 
 
+@pytest.mark.parametrize("make", [standin_lowbit, real_lowbit], ids=["standin", "bonsai.quant"])
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
-def test_lowbit_linear_matches_dequantized_matmul(kind):
+def test_lowbit_linear_matches_dequantized_matmul(kind, make):
     g = torch.Generator().manual_seed(0)
-    weight = standin_lowbit(torch.randn(24, 256, generator=g), kind)
+    weight = make(torch.randn(24, 256, generator=g), kind)
     x = torch.randn(3, 5, 256, generator=g)
     layer = LowBitLinear(weight)
     assert layer.packed.dtype == torch.uint8 and layer.packed.shape == (24, 256 * weight.bits // 8)
+    assert torch.equal(layer.dense(torch.float32), weight.dequantize(torch.float32))
+    assert torch.equal(layer.dense(torch.bfloat16), weight.dequantize(torch.bfloat16))
     expected = x.double() @ weight.dequantize(torch.float64).T
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
     assert rel_err(layer(x.bfloat16()), expected) <= 1e-2

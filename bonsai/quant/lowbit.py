@@ -197,8 +197,11 @@ class LowBitWeight:
 
     # -- compact (ours: 5 trits per byte for ternary, 1 bit for binary) ----------------------------------------
     def to_compact(self) -> dict[str, torch.Tensor]:
+        """codes uint8 (ternary [out, ceil(in/5)], binary [out, in/8]) and scales in the narrowest exact float."""
         codes = pack_trits(unpack_bits(self.packed, 2)) if self.kind == "ternary" else self.packed
-        return {"codes": codes, "scales": self.scales}
+        scales = next(s for s in (self.scales.to(d) for d in (torch.float16, torch.bfloat16, torch.float32))
+                      if torch.equal(s.float(), self.scales))
+        return {"codes": codes, "scales": scales}
 
     @classmethod
     def from_compact(cls, codes, scales, kind: str, in_features: int, group_size: int = 128,

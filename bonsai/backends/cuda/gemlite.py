@@ -1,59 +1,106 @@
 """gemlite path: binary/ternary linears as gemlite `GemLiteLinearTriton` layers (bf16 or fp16 activations).
 
-Released gemlite packs load through gemlite's own state-dict loader (no repacking). Other layouts are
-packed with `pack()`: ternary W_q = t + 1, zeros = 1 (int, exact integer shift); binary W_q = (b + 1) / 2,
-scales = 2s, zeros = 0.5 as a float tensor (a Python 0.5 would be truncated to 0 by gemlite).
+Released gemlite packs load through gemlite's own state-dict loader (no repacking): W_q, scales and zeros are
+used as stored; only the activation dtype slots of the metadata follow the runtime dtype. Other layouts are
+packed by gemlite's `pack()` (8-bit packing, as released) in the same fma form as the released files:
+ternary W_q = t + 1, scales = s, zeros = 1 -> stored -s; binary W_q = (b + 1) / 2, scales = 2s, zeros = 0.5 as a
+float tensor (a Python 0.5 would be truncated to 0 by gemlite) -> stored -s.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 # gemlite metadata slots (core.GemLiteLinearTriton.get_meta_args)
-_META_INPUT, _META_OUTPUT, _META_META = 5, 6, 8
+_META_NBITS, _META_INPUT, _META_OUTPUT, _META_META = 1, 5, 6, 8
+_GEMLITE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape")
+INSTALL_HINT = "pip install -e .[cuda]"
 
 
 def import_gemlite():
-    """Import gemlite (it needs a CUDA device at import time)."""
+    """Import gemlite (it queries the CUDA device at import time, so only call this on a CUDA host)."""
     if not torch.cuda.is_available():
-        raise RuntimeError("the gemlite backend needs a CUDA device (gemlite queries it at import)")
+        raise RuntimeError("the gemlite path needs a CUDA device (gemlite queries it at import)")
     try:
         import gemlite
     except ImportError as e:
-        raise ImportError("gemlite is not installed; install the CUDA extra: pip install -e .[cuda]") from e
+        raise ImportError(f"gemlite is not installed; install the CUDA extra: {INSTALL_HINT}") from e
+    # gemlite's small-M kernels (M < 64: GEMV / split-K) sum partial results with atomics in the output dtype;
+    # in bf16 that rounds every partial sum (rel. error ~9e-3 measured on an H100 at 3072x3072, M=1). Make them
+    # accumulate in an fp32 buffer and cast once. Large M (GEMM) is unaffected.
+    gemlite.set_native_atomic_bfp16(False)
     return gemlite
 
 
-def _dtype_enum(dtype: torch.dtype):
+def _dtype_code(dtype: torch.dtype) -> int:
     from gemlite.dtypes import DType
 
     table = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16}
     if dtype not in table:
-        raise ValueError(f"gemlite activations must be bfloat16 or float16, got {dtype}")
-    return table[dtype]
+        raise ValueError(f"gemlite activations must be torch.bfloat16 or torch.float16, got {dtype}")
+    return table[dtype].value
 
 
-def from_state(state: dict[str, torch.Tensor], device="cuda", dtype: torch.dtype = torch.bfloat16):
+@dataclass(frozen=True, eq=False)
+class GemliteState:
+    """One linear of a released gemlite state dict, kept as stored. Has `.packed`/`.scales`/`.shape` so
+    `load_transformer` treats it as a low-bit weight and hands it to `make_gemlite_linear` untouched."""
+
+    state: dict
+
+    @property
+    def packed(self) -> torch.Tensor:
+        return self.state["W_q"]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.state["scales"]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out, k = (int(v) for v in self.state["orig_shape"].flatten().tolist())
+        return (out, k)
+
+    @property
+    def bits(self) -> int:
+        return int(self.state["metadata"][_META_NBITS])
+
+
+def from_state(state: dict, device="cuda", dtype: torch.dtype = torch.bfloat16, name: str = "linear"):
     """A gemlite state dict (W_q, scales, zeros, metadata, orig_shape[, bias]) -> GemLiteLinearTriton.
 
-    The packed codes are used as they are; scales/zeros are cast to the activation dtype and the
-    metadata's input/output/meta dtypes rewritten, since gemlite needs x, scales and zeros to agree.
+    The packed codes, scales and zeros are used as stored (float32 meta in the released files); only the
+    input/output dtype slots of the metadata are set to `dtype`, since gemlite reads x in that dtype.
     """
     gemlite = import_gemlite()
-    missing = [k for k in ("W_q", "scales", "zeros", "metadata", "orig_shape") if k not in state]
+    missing = [k for k in _GEMLITE_KEYS if k not in state]
     if missing:
-        raise ValueError(f"gemlite state dict is missing {missing}; got {sorted(state)}")
-    code = _dtype_enum(dtype).value
-    meta = state["metadata"].to(torch.int32).clone()
-    meta[_META_INPUT] = meta[_META_OUTPUT] = meta[_META_META] = code
+        raise ValueError(f"{name}: gemlite state is missing {missing}; got {sorted(state)}")
+    meta = state["metadata"].to(torch.int32).flatten().clone()
+    if meta.numel() != 12:
+        raise ValueError(f"{name}.metadata: expected 12 gemlite meta args, got {meta.numel()}")
+    if int(meta[_META_NBITS]) not in (1, 2):
+        raise ValueError(f"{name}.metadata[1]: W_nbits must be 1 or 2, got {int(meta[_META_NBITS])}")
+    # Cheap shape checks here, so a malformed pack fails naming the key rather than deep inside a kernel.
+    out_f, in_f = (int(v) for v in state["orig_shape"].flatten().tolist())
+    eps, group = int(meta[4]), int(meta[2])
+    if tuple(state["W_q"].shape) != (in_f // max(eps, 1), out_f):
+        raise ValueError(f"{name}.W_q: shape {tuple(state['W_q'].shape)}, expected [in/{eps}, out] = "
+                         f"{(in_f // max(eps, 1), out_f)} for orig_shape {(out_f, in_f)}")
+    for key in ("scales", "zeros"):
+        if tuple(state[key].shape) != (in_f // group, out_f) or not state[key].is_floating_point():
+            raise ValueError(f"{name}.{key}: expected float [in/{group}, out] = {(in_f // group, out_f)}, got "
+                             f"{state[key].dtype} {tuple(state[key].shape)}")
+    code = _dtype_code(dtype)
+    meta[_META_INPUT] = meta[_META_OUTPUT] = code
     sd = {
         "W_q": state["W_q"].to(device),
-        "scales": state["scales"].to(device=device, dtype=dtype),
-        # Integer zeros (mode 3) stay integer; float zeros (fma mode 4) follow the activation dtype.
-        "zeros": state["zeros"].to(device=device, dtype=dtype if state["zeros"].is_floating_point() else None),
+        "scales": state["scales"].to(device),
+        "zeros": state["zeros"].to(device),
         "metadata": meta.to(device),
         "orig_shape": state["orig_shape"].to(device=device, dtype=torch.int32),
     }
@@ -65,33 +112,51 @@ def from_state(state: dict[str, torch.Tensor], device="cuda", dtype: torch.dtype
 
 
 def from_lowbit(weight, device="cuda", dtype: torch.dtype = torch.bfloat16, packing_bitwidth: int = 8):
-    """Pack a `LowBitWeight` with gemlite's own packer (8-bit packing: the faster one on A100/H100)."""
+    """Pack a `LowBitWeight` with gemlite's own `pack()` (8-bit packing and float32 meta, as released)."""
     gemlite = import_gemlite()
     if weight.bits not in (1, 2):
         raise ValueError(f"gemlite path supports bits 1 or 2, got {weight.bits}")
-    out_f, in_f = (int(d) for d in weight.shape)
-    layer = gemlite.GemLiteLinearTriton(W_nbits=weight.bits, group_size=int(weight.group_size),
-                                        in_features=in_f, out_features=out_f,
-                                        input_dtype=_dtype_enum(dtype), output_dtype=_dtype_enum(dtype))
     from ..torch.linear import unpack_codes
 
-    # The stored codes are already gemlite's unsigned ones: ternary q = t + 1, binary q = (b + 1) / 2.
+    out_f, in_f = (int(d) for d in weight.shape)
+    code = gemlite.DType(_dtype_code(dtype))
+    layer = gemlite.GemLiteLinearTriton(W_nbits=weight.bits, group_size=int(weight.group_size),
+                                        in_features=in_f, out_features=out_f, input_dtype=code, output_dtype=code)
+    # The stored codes already are gemlite's unsigned ones: ternary q = t + 1, binary q = (b + 1) / 2.
     q = unpack_codes(weight.packed.to(device), weight.bits, in_f).contiguous()  # uint8 [N, K]
     s = weight.scales.to(device=device, dtype=torch.float32)
     if weight.bits == 2:
-        layer.pack(q, s.to(dtype), 1, packing_bitwidth=packing_bitwidth)
+        layer.pack(q, s, torch.ones_like(s), packing_bitwidth=packing_bitwidth)  # W = q*s - s
     else:
-        s2 = (2 * s).to(dtype)  # exact: doubling only changes the exponent
-        layer.pack(q, s2, torch.full_like(s2, 0.5), packing_bitwidth=packing_bitwidth)
+        s2 = 2 * s  # exact: doubling only changes the exponent
+        layer.pack(q, s2, torch.full_like(s2, 0.5), packing_bitwidth=packing_bitwidth)  # W = q*2s - s
     return layer
 
 
-def make_gemlite_linear(weight, device="cuda", dtype: torch.dtype = torch.bfloat16, repack: bool = False):
-    """`make_linear` for the torch transformer: the released gemlite form of `weight` (8-bit packing),
-    or gemlite's own packing when `repack` is set or the weight has no gemlite form."""
-    if repack or not hasattr(weight, "to_gemlite"):
-        return from_lowbit(weight, device=device, dtype=dtype)
-    return from_state(dict(weight.to_gemlite()), device=device, dtype=dtype)
+def make_gemlite_linear(weight, device="cuda", dtype: torch.dtype = torch.bfloat16):
+    """`make_linear` for the torch transformer: a released gemlite state as stored, or a `LowBitWeight` packed
+    by gemlite."""
+    if isinstance(weight, GemliteState):
+        return from_state(weight.state, device=device, dtype=dtype)
+    return from_lowbit(weight, device=device, dtype=dtype)
+
+
+def split_state(state: dict) -> dict:
+    """Flat released state dict {fqn.W_q: ..., fqn.weight: ...} -> {fqn.weight: GemliteState | dense tensor}."""
+    groups: dict[str, dict] = {}
+    out = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in _GEMLITE_KEYS or (leaf == "bias" and prefix + ".W_q" in state) or leaf == "meta_scale":
+            groups.setdefault(prefix, {})[leaf] = value
+        else:
+            out[key] = value
+    for prefix, group in groups.items():
+        missing = [k for k in _GEMLITE_KEYS if k not in group]
+        if missing:
+            raise ValueError(f"gemlite state for {prefix!r} is missing {missing}")
+        out[prefix + ".weight"] = GemliteState(group)
+    return out
 
 
 def cache_dir() -> Path:

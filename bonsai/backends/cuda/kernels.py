@@ -25,23 +25,30 @@ def _expand_kernel():
     def expand(packed_ptr, scales_ptr, out_ptr, N, K,
                BITS: tl.constexpr, GROUP: tl.constexpr, TERNARY: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        PER_BYTE: tl.constexpr = 8 // BITS
+        # One tile of BLOCK_N rows x BLOCK_K inputs; BLOCK_K is a multiple of GROUP that divides K, so only
+        # rows need a mask. Each packed byte is read once and split in registers (no gathers).
+        PER: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_K // PER
+        G: tl.constexpr = BLOCK_K // GROUP
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (rows[:, None] < N) & (cols[None, :] < K)
-        rows64 = rows.to(tl.int64)
-        # Codes are LSB-first along K: weight j sits in byte j // PER_BYTE at bit (j % PER_BYTE) * BITS.
-        byte = tl.load(packed_ptr + rows64[:, None] * (K // PER_BYTE) + (cols // PER_BYTE)[None, :],
-                       mask=mask, other=0).to(tl.int32)
-        q = (byte >> ((cols % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+        rmask = (rows < N)[:, None]
+        rows64 = rows.to(tl.int64)[:, None]
+        bcols = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+        byte = tl.load(packed_ptr + rows64 * (K // PER) + bcols[None, :], mask=rmask, other=0).to(tl.int32)
+        # Codes are LSB-first along K: weight b * PER + p sits in byte b at bit p * BITS.
+        shifts = tl.arange(0, PER) * BITS
+        q = (byte[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, BLOCK_B, PER]
         if TERNARY:
             t = q - 1
         else:
             t = 2 * q - 1
-        s = tl.load(scales_ptr + rows64[:, None] * (K // GROUP) + (cols // GROUP)[None, :], mask=mask, other=0.0)
+        gcols = tl.program_id(1) * G + tl.arange(0, G)
+        s = tl.load(scales_ptr + rows64 * (K // GROUP) + gcols[None, :], mask=rmask, other=0.0)  # [BLOCK_N, G]
         # t is -1/0/+1, so t * s in fp32 then one rounding equals t * round(s): same as the torch reference.
-        w = t.to(tl.float32) * s.to(tl.float32)
-        tl.store(out_ptr + rows64[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+        w = tl.reshape(t.to(tl.float32), (BLOCK_N, G, GROUP)) * s.to(tl.float32)[:, :, None]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(out_ptr + rows64 * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=rmask)
 
     return expand
 
@@ -62,9 +69,12 @@ def expand_lowbit(packed: torch.Tensor, scales: torch.Tensor, bits: int, group_s
         raise ValueError(f"scales must be [{n}, {k // group_size}] for in_features={k}, got {tuple(scales.shape)}")
     if out.shape != (n, k) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{n}, {k}] tensor, got {tuple(out.shape)}")
-    block_n, block_k = 16, 256
-    grid = ((n + block_n - 1) // block_n, (k + block_k - 1) // block_k)
+    if group_size & (group_size - 1) or group_size < 8:
+        raise ValueError(f"group_size must be a power of two >= 8, got {group_size}")
+    block_k = next(b for b in (4 * group_size, 2 * group_size, group_size) if k % b == 0)
+    block_n = max(1, min(32, 16384 // block_k))
+    grid = ((n + block_n - 1) // block_n, k // block_k)
     _expand_kernel()[grid](packed.contiguous(), scales.contiguous(), out, n, k,
                            BITS=bits, GROUP=group_size, TERNARY=bits == 2,
-                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
     return out

@@ -1,0 +1,43 @@
+"""The Qwen3 text encoder through transformers, cut to the layers the features need."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...prompt import FEATURE_LAYERS, stack_features
+
+
+def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = torch.float32, layers=FEATURE_LAYERS):
+    """A transformers Qwen3Model with decoder layers [0, max(layers)) from a dense Qwen3ForCausalLM state dict."""
+    import transformers
+
+    from ...weights import qwen3_config
+
+    n = max(layers)
+    if config.num_hidden_layers < n:
+        raise ValueError(f"text encoder has {config.num_hidden_layers} layers, features need {n}")
+    config = qwen3_config(config.to_dict(), n)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = transformers.Qwen3Model(config)
+    prefix = "model."
+    wanted = {k.removeprefix(prefix): v for k, v in state.items()
+              if k.startswith(prefix) and not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(wanted)), sorted(set(wanted) - expected)
+    if missing or unexpected:
+        raise ValueError(f"text encoder state dict does not match its config: missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in wanted.items()}, strict=True, assign=True)
+    # hidden_states[-1] is the final-normed output; the features want the raw output of the last layer kept.
+    model.norm = nn.Identity()
+    model.rotary_emb = type(model.rotary_emb)(config=config).to(device)  # its buffers were built on meta
+    return model.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers=FEATURE_LAYERS) -> torch.Tensor:
+    """int64 [B, S] ids and mask -> features [B, S, len(layers) * hidden]."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    return stack_features(out.hidden_states, layers)

@@ -1,0 +1,105 @@
+"""The two released 4-bit Qwen3 text-encoder formats -> a dense transformers Qwen3 state dict.
+
+HQQ (`text_encoder-hqq-4bit/qmodel.pt`): `{leaf module name: module state}`; quantized leaves hold `W_q` uint8
+[out*in/g/2, g] (rows of the [out*in/g, g] code matrix split in halves: first half in the high nibble), `scale`
+and `zero` [out*in/g, 1], and W = (q - zero) * scale reshaped to `shape`.
+MLX (`text_encoder-mlx-4bit/model.safetensors`): affine 4-bit, uint32 [out, in/8] LSB-first, bf16 scales and
+biases [out, in/g], W = q * scale + bias; the embedding is quantized too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HQQ_LINEAR_KEYS = ("W_q", "nbits", "group_size", "shape", "scale", "zero", "axis", "packing")
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{where}: {msg}")
+
+
+def unpack_4bit_u8(W_q: torch.Tensor) -> torch.Tensor:
+    """HQQ '4bit_u8': uint8 [R/2, g] -> codes uint8 [R, g], high nibbles first."""
+    return torch.cat([W_q >> 4, W_q & 0x0F], dim=0)
+
+
+def pack_4bit_u8(q: torch.Tensor) -> torch.Tensor:
+    """Inverse of `unpack_4bit_u8`: codes uint8 [R, g] (R even) -> [R/2, g]."""
+    half = q.shape[0] // 2
+    return (q[:half] << 4) | q[half:]
+
+
+def hqq_linear_to_dense(state: dict, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One serialized HQQLinear (4-bit, axis 1, '4bit_u8') -> dense weight [out, in]."""
+    missing = [k for k in HQQ_LINEAR_KEYS if k not in state]
+    _check(not missing, name, f"HQQ linear misses {missing}")
+    _check(int(state["nbits"]) == 4 and state["packing"] == "4bit_u8", name,
+           f"expected 4-bit '4bit_u8' packing, got nbits={state['nbits']} packing={state['packing']!r}")
+    _check(int(state["axis"]) == 1, name, f"expected axis 1 (groups along in), got {state['axis']}")
+    _check(not state.get("view_as_float", False), name, "view_as_float packs are not supported")
+    _check(not state.get("quant_scale", False) and not state.get("quant_zero", False), name,
+           "quantized scale/zero meta is not supported")
+    out, k = (int(v) for v in state["shape"])
+    g = int(state["group_size"])
+    W_q = state["W_q"]
+    _check(W_q.dtype == torch.uint8 and tuple(W_q.shape) == (out * k // g // 2, g), f"{name}.W_q",
+           f"expected uint8 {(out * k // g // 2, g)} for shape {(out, k)} and group {g}, got {W_q.dtype} "
+           f"{tuple(W_q.shape)}")
+    for key in ("scale", "zero"):
+        _check(tuple(state[key].shape) == (out * k // g, 1), f"{name}.{key}",
+               f"expected {(out * k // g, 1)}, got {tuple(state[key].shape)}")
+    q = unpack_4bit_u8(W_q).to(torch.float32)  # [out*in/g, g]
+    w = (q - state["zero"].float()) * state["scale"].float()
+    return w.reshape(out, k).to(dtype)
+
+
+def hqq_to_dense(qmodel: dict, dtype: torch.dtype = torch.float32, keep=lambda key: True) -> dict[str, torch.Tensor]:
+    """qmodel.pt contents -> {'<leaf>.weight': dense tensor} for every leaf whose key passes `keep`."""
+    state = {}
+    for leaf, module_state in qmodel.items():
+        key = f"{leaf}.weight"
+        if not keep(key):
+            continue
+        _check(isinstance(module_state, dict), leaf, f"expected a module state dict, got {type(module_state).__name__}")
+        if "W_q" in module_state:
+            _check("bias" not in module_state or module_state["bias"] is None, leaf, "linear biases are not expected")
+            state[key] = hqq_linear_to_dense(module_state, leaf, dtype)
+        else:
+            extra = sorted(set(module_state) - {"weight"})
+            _check("weight" in module_state and not extra, leaf, f"expected only 'weight', got {sorted(module_state)}")
+            state[key] = module_state["weight"].to(dtype)
+    return state
+
+
+def mlx4_to_dense(weight: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group_size: int, name: str,
+                  bits: int = 4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """MLX affine uint32 [out, in*bits/32] + scales/biases [out, in/g] -> dense [out, in]."""
+    _check(weight.dtype in (torch.uint32, torch.int32) and weight.ndim == 2, f"{name}.weight",
+           f"expected 2-D uint32, got {weight.dtype} {tuple(weight.shape)}")
+    out, words = weight.shape
+    k = words * 32 // bits
+    for key, t in (("scales", scales), ("biases", biases)):
+        _check(tuple(t.shape) == (out, k // group_size), f"{name}.{key}",
+               f"expected {(out, k // group_size)} for weight {tuple(weight.shape)}, got {tuple(t.shape)}")
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    b = weight.contiguous().view(torch.uint8)  # [out, words * 4], little-endian
+    q = ((b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(out, k // group_size, group_size)  # [out, G, g]
+    w = q.float() * scales.float().unsqueeze(-1) + biases.float().unsqueeze(-1)
+    return w.reshape(out, k).to(dtype)
+
+
+def mlx4_pack(dense: torch.Tensor, group_size: int = 64, bits: int = 4) -> dict[str, torch.Tensor]:
+    """Min/max affine quantization in the MLX layout (what mx.quantize writes), bf16 meta. For writing test packs."""
+    out, k = dense.shape
+    w = dense.float().reshape(out, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).clamp(min=1e-8).to(torch.bfloat16).float()
+    bias = lo.to(torch.bfloat16).float()
+    q = torch.round((w - bias.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, levels).to(torch.uint8).reshape(out, k)
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    packed = (q.to(torch.int32).reshape(out, k // per, per) << shifts).sum(-1).to(torch.uint8)  # [out, k*bits/8]
+    return {"weight": packed.view(torch.uint32), "scales": scale.to(torch.bfloat16), "biases": bias.to(torch.bfloat16)}

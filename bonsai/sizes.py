@@ -1,0 +1,70 @@
+"""Image size rules, the aspect-ratio helper and the style presets."""
+
+from __future__ import annotations
+
+MULTIPLE = 16  # VAE factor 8 x 2x2 patch
+MIN_SIZE, MAX_SIZE = 32, 4096
+
+# Prompt suffixes for the 10 styles of the Bonsai Image seed blog.
+STYLES = {
+    "comic": "in the style of a comic book panel, bold ink outlines, flat colors, halftone shading",
+    "illustration": "as a detailed digital illustration, soft lighting, rich colors",
+    "cartoon": "as a cartoon, simple shapes, thick outlines, bright cheerful colors",
+    "vector": "as a flat vector illustration, clean geometric shapes, solid colors",
+    "minimalist-vector": "as a minimalist vector graphic, very few shapes, limited palette, lots of negative space",
+    "sketch": "as a pencil sketch, loose hand-drawn lines, cross-hatching, on white paper",
+    "stickman": "as a stick figure drawing, simple black lines on a white background",
+    "infographic": "as a clean infographic, labeled sections, icons, flat design",
+    "typography": "as a typographic poster, bold expressive lettering as the main element",
+    "caricature": "as a caricature, exaggerated features, humorous expressive style",
+}
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
+        if v % MULTIPLE:
+            raise ValueError(f"{name} must be a multiple of {MULTIPLE}, got {v} (nearest: {snap(v)})")
+        if not MIN_SIZE <= v <= MAX_SIZE:
+            raise ValueError(f"{name} must be in [{MIN_SIZE}, {MAX_SIZE}], got {v}")
+
+
+def snap(v: float) -> int:
+    return max(MULTIPLE, int(round(v / MULTIPLE)) * MULTIPLE)
+
+
+def parse_aspect(aspect: str) -> tuple[float, float]:
+    try:
+        w, h = (float(p) for p in str(aspect).replace("x", ":").split(":"))
+    except ValueError:
+        raise ValueError(f"aspect must look like '16:9', got {aspect!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"aspect must have positive sides, got {aspect!r}")
+    return w, h
+
+
+def size_from_aspect(aspect: str, long_edge: int = 1024) -> tuple[int, int]:
+    """(width, height) with the given aspect, the longer side `long_edge`, both snapped to multiples of 16."""
+    if not isinstance(long_edge, int) or isinstance(long_edge, bool) or long_edge < MULTIPLE:
+        raise ValueError(f"long_edge must be an integer >= {MULTIPLE}, got {long_edge!r}")
+    w, h = parse_aspect(aspect)
+    scale = long_edge / max(w, h)
+    return snap(w * scale), snap(h * scale)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768)."""
+    try:
+        w, h = (int(p) for p in str(size).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like 1024x768, got {size!r}") from None
+    return w, h
+
+
+def apply_style(prompt: str, style: str | None) -> str:
+    if style is None:
+        return prompt
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    return f"{prompt.rstrip().rstrip('.')}, {STYLES[style]}"

@@ -1,0 +1,337 @@
+"""Synthetic Bonsai repos in the exact released on-disk layouts, with random values, for tests and benchmarks.
+
+Same folder names, file names, key names, dtypes, transposes and packing as the released repos; any transformer
+config (tiny for tests, `bonsai.config.KLEIN_4B` for benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import weights
+from .config import TransformerConfig, VAEConfig
+from .prompt import FEATURE_LAYERS
+from .convert import config_json
+from .convert import write_transformer as write_layout
+from .quant import LowBitWeight
+from .quant.qwen4bit import mlx4_pack, pack_4bit_u8
+
+TINY_TE_HIDDEN = 64
+TINY_FEATURE_LAYERS = FEATURE_LAYERS  # tiny encoders have 28 narrow layers, so the real layers 9/18/27 apply
+TINY_TRANSFORMER = TransformerConfig(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
+                                     joint_attention_dim=3 * TINY_TE_HIDDEN, axes_dims_rope=(8, 8, 8, 8))
+TINY_VAE = VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+ADDED_TOKENS = ("<think>", "</think>")
+HQQ_GROUP, MLX_TE_GROUP = 64, 64
+
+# A Qwen3-style template (user turns, generation prompt, empty think block when thinking is off).
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+# --- transformer ------------------------------------------------------------------------------------------------
+
+
+def random_transformer(config: TransformerConfig, kind: str, seed: int = 0) -> dict:
+    """{diffusers key: LowBitWeight | bf16-exact float32 tensor} with roughly unit-variance activations."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out, k) in weights.lowbit_linears(config).items():
+        if kind == "ternary":
+            codes = torch.randint(-1, 2, (out, k), generator=g, dtype=torch.int8)
+        else:
+            codes = torch.randint(0, 2, (out, k), generator=g, dtype=torch.int8) * 2 - 1
+        # bf16 scales, as the MLX layout stores them, so every layout holds the same weight exactly.
+        scales = _bf16((0.8 + 0.4 * torch.rand(out, k // weights.GROUP_SIZE, generator=g)) / k**0.5)
+        tensors[f"{name}.weight"] = LowBitWeight.from_codes(codes, scales, kind, weights.GROUP_SIZE)
+    for key, shape in weights.dense_tensors(config).items():
+        if len(shape) == 1:  # QK RMSNorm weights
+            tensors[key] = _bf16(1 + 0.1 * torch.randn(shape, generator=g))
+        else:
+            tensors[key] = _bf16(torch.randn(shape, generator=g) / shape[1] ** 0.5)
+    return tensors
+
+
+def write_transformer(folder: str | Path, layout: str, kind: str, config: TransformerConfig = TINY_TRANSFORMER,
+                             seed: int = 0) -> dict:
+    """Random transformer written as `layout` under folder; returns the tensors written."""
+    tensors = random_transformer(config, kind, seed)
+    out = write_layout(folder, tensors, config, layout, kind)
+    if layout == "gemlite":
+        (out / "gemlite_autotune.json").write_text("{}")
+    return tensors
+
+
+# --- text encoder -----------------------------------------------------------------------------------------------
+
+
+def tiny_text_encoder_config(vocab_size: int, hidden: int = TINY_TE_HIDDEN, layers: int = 28):
+    import transformers
+
+    return transformers.Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6,
+        tie_word_embeddings=True, max_position_embeddings=1024, architectures=["Qwen3ForCausalLM"])
+
+
+def random_text_encoder(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Dense Qwen3ForCausalLM state dict (no lm_head: tied), fp16-exact float32 values."""
+    g = torch.Generator().manual_seed(seed)
+    h, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.q_proj.weight": (q, h), f"{p}.self_attn.k_proj.weight": (kv, h),
+                       f"{p}.self_attn.v_proj.weight": (kv, h), f"{p}.self_attn.o_proj.weight": (h, q),
+                       f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,),
+                       f"{p}.mlp.gate_proj.weight": (f, h), f"{p}.mlp.up_proj.weight": (f, h),
+                       f"{p}.mlp.down_proj.weight": (h, f), f"{p}.input_layernorm.weight": (h,),
+                       f"{p}.post_attention_layernorm.weight": (h,)})
+    state = {}
+    for key, shape in shapes.items():
+        t = 1 + 0.1 * torch.randn(shape, generator=g) if len(shape) == 1 else torch.randn(shape, generator=g)
+        t = t if len(shape) == 1 or "embed" in key else t / shape[1] ** 0.5
+        state[key] = t.half().float()
+    return state
+
+
+def _is_linear(key: str) -> bool:
+    return key.startswith("model.layers.") and key.endswith("_proj.weight")
+
+
+def hqq_linear_state(w: torch.Tensor, group_size: int = HQQ_GROUP) -> dict:
+    """One linear as hqq 0.2.8 serializes a 4-bit HQQLinear (min/max affine, fp16 meta, '4bit_u8')."""
+    out, k = w.shape
+    rows = w.float().reshape(-1, group_size)  # [out*in/g, g]
+    lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-4).half()
+    zero = (-lo / scale.float()).half()
+    q = torch.round(rows / scale.float() + zero.float()).clamp(0, 15).to(torch.uint8)
+    return {"W_q": pack_4bit_u8(q), "nbits": 4, "group_size": group_size, "shape": torch.Size([out, k]),
+            "scale": scale, "zero": zero, "axis": 1, "packing": "4bit_u8", "unpack_view_dtype": torch.uint8,
+            "view_as_float": False, "quant_scale": False, "quant_zero": False, "compute_dtype": torch.float16,
+            "offload_meta": False, "stores_quant_config": True, "channel_wise": True, "optimize": True,
+            "round_zero": True}
+
+
+def write_hqq_text_encoder(folder: Path, config, state: dict) -> Path:
+    """text_encoder-hqq-4bit/{qmodel.pt, config.json}: 4-bit g64 linears, fp16 embedding and norms."""
+    out = folder / weights.TEXT_ENCODER_DIRS["hqq"]
+    out.mkdir(parents=True, exist_ok=True)
+    qmodel = {}
+    for key, t in state.items():
+        leaf = key.removesuffix(".weight")
+        qmodel[leaf] = hqq_linear_state(t) if _is_linear(key) else {"weight": t.half()}
+    torch.save(qmodel, out / "qmodel.pt")
+    (out / "config.json").write_text(config.to_json_string())
+    return out
+
+
+def write_mlx_text_encoder(folder: Path, config, state: dict) -> Path:
+    """text_encoder-mlx-4bit/: mlx-community layout, affine 4-bit g64 linears and embedding, bf16 norms."""
+    from safetensors.torch import save_file
+
+    out = folder / weights.TEXT_ENCODER_DIRS["mlx"]
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {}
+    for key, t in state.items():
+        if t.ndim == 2:
+            prefix = key.removesuffix(".weight")
+            flat.update({f"{prefix}.{n}": v for n, v in mlx4_pack(t, MLX_TE_GROUP).items()})
+        else:
+            flat[key] = t.to(torch.bfloat16)
+    save_file(flat, out / "model.safetensors", metadata={"format": "mlx"})
+    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in flat}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = {**config.to_dict(), "quantization": {"group_size": MLX_TE_GROUP, "bits": 4}}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def write_dense_text_encoder(folder: Path, config, state: dict) -> Path:
+    from safetensors.torch import save_file
+
+    out = folder / weights.TEXT_ENCODER_DIRS["dense"]
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, out / "model.safetensors")
+    (out / "config.json").write_text(config.to_json_string())
+    return out
+
+
+# --- tokenizer --------------------------------------------------------------------------------------------------
+
+
+def write_tokenizer(folder: Path) -> int:
+    """A byte-level BPE tokenizer with Qwen's special tokens and chat template; returns its vocab size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    n = len(vocab)
+    added = {t: n + i for i, t in enumerate(SPECIAL_TOKENS + ADDED_TOKENS)}
+    (folder / "added_tokens.json").write_text(json.dumps(added))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "padding_side": "right", "add_prefix_space": False, "errors": "replace",
+        "model_max_length": 131072, "split_special_tokens": False}, indent=2))
+    return n + len(added)
+
+
+# --- VAE --------------------------------------------------------------------------------------------------------
+
+
+def _resnet(p: str, cin: int, cout: int) -> dict:
+    s = {f"{p}.norm1.weight": (cin,), f"{p}.norm1.bias": (cin,), f"{p}.conv1.weight": (cout, cin, 3, 3),
+         f"{p}.conv1.bias": (cout,), f"{p}.norm2.weight": (cout,), f"{p}.norm2.bias": (cout,),
+         f"{p}.conv2.weight": (cout, cout, 3, 3), f"{p}.conv2.bias": (cout,)}
+    if cin != cout:
+        s.update({f"{p}.conv_shortcut.weight": (cout, cin, 1, 1), f"{p}.conv_shortcut.bias": (cout,)})
+    return s
+
+
+def _mid(p: str, c: int) -> dict:
+    s = {**_resnet(f"{p}.resnets.0", c, c), **_resnet(f"{p}.resnets.1", c, c)}
+    a = f"{p}.attentions.0"
+    s.update({f"{a}.group_norm.weight": (c,), f"{a}.group_norm.bias": (c,)})
+    for n in ("to_q", "to_k", "to_v", "to_out.0"):
+        s.update({f"{a}.{n}.weight": (c, c), f"{a}.{n}.bias": (c,)})
+    return s
+
+
+def vae_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a diffusers AutoencoderKLFlux2 (encoder too, as the release ships it) -> shape."""
+    ch, lat, n = config.block_out_channels, config.latent_channels, config.layers_per_block
+    s = {"encoder.conv_in.weight": (ch[0], config.in_channels, 3, 3), "encoder.conv_in.bias": (ch[0],)}
+    cin = ch[0]
+    for i, c in enumerate(ch):
+        for j in range(n):
+            s.update(_resnet(f"encoder.down_blocks.{i}.resnets.{j}", cin if j == 0 else c, c))
+        cin = c
+        if i < len(ch) - 1:
+            s.update({f"encoder.down_blocks.{i}.downsamplers.0.conv.weight": (c, c, 3, 3),
+                      f"encoder.down_blocks.{i}.downsamplers.0.conv.bias": (c,)})
+    s.update(_mid("encoder.mid_block", ch[-1]))
+    s.update({"encoder.conv_norm_out.weight": (ch[-1],), "encoder.conv_norm_out.bias": (ch[-1],),
+              "encoder.conv_out.weight": (2 * lat, ch[-1], 3, 3), "encoder.conv_out.bias": (2 * lat,),
+              "quant_conv.weight": (2 * lat, 2 * lat, 1, 1), "quant_conv.bias": (2 * lat,),
+              "post_quant_conv.weight": (lat, lat, 1, 1), "post_quant_conv.bias": (lat,),
+              "decoder.conv_in.weight": (ch[-1], lat, 3, 3), "decoder.conv_in.bias": (ch[-1],)})
+    s.update(_mid("decoder.mid_block", ch[-1]))
+    rev = list(reversed(config.decoder_channels))
+    cin = rev[0]
+    for i, c in enumerate(rev):
+        for j in range(n + 1):
+            s.update(_resnet(f"decoder.up_blocks.{i}.resnets.{j}", cin if j == 0 else c, c))
+        cin = c
+        if i < len(rev) - 1:
+            s.update({f"decoder.up_blocks.{i}.upsamplers.0.conv.weight": (c, c, 3, 3),
+                      f"decoder.up_blocks.{i}.upsamplers.0.conv.bias": (c,)})
+    s.update({"decoder.conv_norm_out.weight": (rev[-1],), "decoder.conv_norm_out.bias": (rev[-1],),
+              "decoder.conv_out.weight": (config.out_channels, rev[-1], 3, 3),
+              "decoder.conv_out.bias": (config.out_channels,),
+              "bn.running_mean": (4 * lat,), "bn.running_var": (4 * lat,)})
+    return s
+
+
+def random_vae(config: VAEConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in vae_shapes(config).items():
+        if key == "bn.running_var":
+            t = 0.5 + torch.rand(shape, generator=g)
+        elif key == "bn.running_mean":
+            t = 0.3 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:
+            norm = "norm" in key.rsplit(".", 2)[-2] and key.endswith(".weight")
+            t = (1.0 if norm else 0.0) + 0.05 * torch.randn(shape, generator=g)
+        else:
+            fan_in = int(torch.Size(shape[1:]).numel())
+            t = torch.randn(shape, generator=g) / fan_in**0.5
+        state[key] = _bf16(t)
+    state["bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.int64)
+    return state
+
+
+def write_vae(folder: Path, config: VAEConfig = TINY_VAE, seed: int = 0) -> dict[str, torch.Tensor]:
+    from safetensors.torch import save_file
+
+    state = random_vae(config, seed)
+    out = folder / "vae"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()},
+              out / "diffusion_pytorch_model.safetensors")
+    d = {"_class_name": "AutoencoderKLFlux2", **{k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in asdict(config).items()}}
+    d.update(down_block_types=["DownEncoderBlock2D"] * len(config.block_out_channels), use_quant_conv=True,
+             sample_size=1024, force_upcast=True, batch_norm_momentum=0.1)
+    d.pop("decoder_block_out_channels")
+    (out / "config.json").write_text(json.dumps(d, indent=2))
+    return state
+
+
+# --- whole repos ------------------------------------------------------------------------------------------------
+
+SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                    "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                    "max_image_seq_len": 4096, "time_shift_type": "exponential"}
+
+
+def write_repo(path: str | Path, layout: str = "gemlite", kind: str = "ternary",
+               transformer_config: TransformerConfig = TINY_TRANSFORMER, seed: int = 0,
+               vae_config: VAEConfig = TINY_VAE, text_encoder_layers: int = 28) -> Path:
+    """A complete repo in a released layout: transformer, text encoder (HQQ for gemlite and compact, MLX 4-bit for
+    mlx, dense for unpacked), VAE, tokenizer, scheduler, model_index.json and manifest.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_transformer(path, layout, kind, transformer_config, seed)
+    te_folder = path / {"mlx": "text_encoder-mlx-4bit", "unpacked": "text_encoder"}.get(
+        layout, "text_encoder-hqq-4bit/tokenizer")
+    vocab = write_tokenizer(te_folder)
+    if layout != "gemlite":  # [U] whether gemlite repos have a top-level tokenizer/: we write none, to test without
+        write_tokenizer(path / "tokenizer")
+    te_config = tiny_text_encoder_config(vocab, hidden=transformer_config.joint_attention_dim // 3,
+                                         layers=text_encoder_layers)
+    te_state = random_text_encoder(te_config, seed + 1)
+    {"mlx": write_mlx_text_encoder, "unpacked": write_dense_text_encoder}.get(layout, write_hqq_text_encoder)(
+        path, te_config, te_state)
+    write_vae(path, vae_config, seed + 2)
+    (path / "scheduler").mkdir(exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "Flux2KleinPipeline", "is_distilled": True, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+        "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"]}, indent=2))
+    (path / "manifest.json").write_text(json.dumps({"model_version": f"{kind} g128 (bf16 master)"}, indent=2))
+    return path
+
+
+__all__ = ["TINY_TRANSFORMER", "TINY_VAE", "TINY_FEATURE_LAYERS", "write_repo", "write_transformer",
+           "random_transformer", "random_text_encoder", "random_vae", "vae_shapes", "write_tokenizer",
+           "hqq_linear_state", "config_json"]
