@@ -120,6 +120,7 @@ def bench_linears(dtype, with_gemlite, kinds):
 
 
 def random_model_tensors(cfg, kind, seed=0):
+    """diffusers-keyed random 4B transformer on the CPU: LowBitWeight for the 100 block linears, bf16 otherwise."""
     from bonsai.backends.torch.transformer import Flux2Transformer
 
     with torch.device("meta"):
@@ -129,40 +130,45 @@ def random_model_tensors(cfg, kind, seed=0):
     for key, meta in model.state_dict().items():
         shape = tuple(meta.shape)
         if key.startswith(("transformer_blocks.", "single_transformer_blocks.")) and len(shape) == 2:
-            out[key] = random_lowbit(shape[0], shape[1], kind, gen)
+            out[key] = random_lowbit(shape[0], shape[1], kind, gen).to("cpu")
         elif len(shape) == 2:
-            out[key] = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) / math.sqrt(shape[1])
+            out[key] = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) / math.sqrt(shape[1])).cpu()
         else:
-            out[key] = 1 + 0.1 * torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+            out[key] = (1 + 0.1 * torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)).cpu()
     return out
 
 
-def model_bytes(model) -> int:
-    storages = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
-    return sum(storages.values())
+def linear_makers(dtype):
+    from bonsai.backends.cuda.linear import FastLowBitLinear
+
+    def dense(w, device="cuda", dtype=dtype):
+        return dense_linear(w.to(device), device=device, dtype=dtype)
+
+    return {"ours": FastLowBitLinear, "gemlite": gemlite_released, "dense_bf16": dense}
+
+
+def gb(nbytes) -> float:
+    return nbytes / 1e9
 
 
 def bench_steps(dtype, impls, kinds, reps=7):
     from bonsai import latents
-    from bonsai.backends.cuda.linear import FastLowBitLinear, release_scratch
+    from bonsai.backends.cuda.linear import release_scratch
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.config import KLEIN_4B
 
-    makers = {"ours": FastLowBitLinear, "dense_bf16": dense_linear}
-    if "gemlite" in impls:
-        makers["gemlite"] = gemlite_released
+    makers = linear_makers(dtype)
     rows = []
     for kind in kinds:
         tensors = random_model_tensors(KLEIN_4B, kind)
         for impl in impls:
+            release_scratch()
             torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
             model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl])
             torch.cuda.synchronize()
-            weights_gb = model_bytes(model) / 1e9
-            for size_name, (hgt, wid) in SIZES.items():
+            resident = torch.cuda.memory_allocated() - base
+            for hgt, wid in SIZES.values():
                 h, w = latents.latent_size(hgt, wid)
                 x = torch.randn(1, h * w, 128, device="cuda", dtype=dtype)
                 c = torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype)
@@ -170,28 +176,134 @@ def bench_steps(dtype, impls, kinds, reps=7):
                 img, txt = latents.img_ids(h, w).cuda(), latents.txt_ids(TEXT_TOKENS).cuda()
                 release_scratch()  # so the scratch allocation shows in this size's peak
                 torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
                 times = []
                 with torch.inference_mode():
-                    for i in range(reps + 1):
+                    for _ in range(reps + 1):
                         torch.cuda.synchronize()
                         t0 = time.perf_counter()
                         model(x, c, t, img, txt)
                         torch.cuda.synchronize()
                         times.append(time.perf_counter() - t0)
-                # The model shares storage with the random source tensors, so count it by storage, then add
-                # what the step allocated on top (activations, scratch, gemlite outputs).
-                peak_gb = weights_gb + (torch.cuda.max_memory_allocated() - before) / 1e9
+                # steady: what stays allocated between steps (weights + scratch); peak: inside a step.
                 row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", first_step_s=times[0],
                            step_ms=statistics.median(times[1:]) * 1e3, steps_measured=reps,
-                           weights_gb=weights_gb, peak_gb=peak_gb)
+                           weights_gb=gb(resident), steady_gb=gb(torch.cuda.memory_allocated() - base),
+                           peak_gb=gb(torch.cuda.max_memory_allocated() - base))
                 rows.append(row)
                 print(f"step {kind:8s} {impl:10s} {row['size']:9s} first {times[0]:6.2f} s  median "
-                      f"{row['step_ms']:7.1f} ms  model {weights_gb:5.2f} GB  peak {peak_gb:5.2f} GB", flush=True)
+                      f"{row['step_ms']:7.1f} ms  weights {row['weights_gb']:5.2f} GB  steady {row['steady_gb']:5.2f}"
+                      f" GB  peak {row['peak_gb']:5.2f} GB", flush=True)
+                del x, c
             del model
-            release_scratch()
         del tensors
-        torch.cuda.empty_cache()
+    release_scratch()
+    torch.cuda.empty_cache()
+    return rows
+
+
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)
+
+
+def random_text_encoder(dtype):
+    """Qwen3-4B cut to the 27 layers the features need, random bf16 weights made on the GPU."""
+    import transformers
+
+    from bonsai.backends.torch.text_encoder import load_text_encoder
+    from bonsai.prompt import FEATURE_LAYERS
+    from bonsai.weights import qwen3_config
+
+    config = qwen3_config(QWEN3_4B, max(FEATURE_LAYERS))
+    with torch.device("meta"):
+        model = transformers.Qwen3Model(config)
+    gen = torch.Generator("cuda").manual_seed(1)
+    state = {}
+    for key, meta in model.state_dict().items():
+        shape = tuple(meta.shape)
+        if len(shape) == 2:
+            t = torch.randn(shape, generator=gen, device="cuda", dtype=dtype) / math.sqrt(shape[1])
+        else:
+            t = torch.ones(shape, device="cuda", dtype=dtype)
+        state["model." + key] = t
+    return load_text_encoder(config, state, device="cuda", dtype=dtype)
+
+
+def build_runtime(kind, impl, dtype, text_encoder):
+    """A CudaRuntime of the real 4B shapes (random weights built in memory, no files)."""
+    from bonsai import testing
+    from bonsai.backends.cuda.runtime import CudaRuntime
+    from bonsai.backends.torch.transformer import load_transformer
+    from bonsai.backends.torch.vae import load_vae_decoder
+    from bonsai.config import FLUX2_VAE, KLEIN_4B
+    from bonsai.prompt import FEATURE_LAYERS
+
+    tensors = random_model_tensors(KLEIN_4B, kind)
+    transformer = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=linear_makers(dtype)[impl])
+    del tensors
+    vae = load_vae_decoder(testing.random_vae(FLUX2_VAE), FLUX2_VAE, device="cuda", dtype=dtype)
+    rt = CudaRuntime(Path("."), transformer, vae, torch.device("cuda"), dtype, FEATURE_LAYERS, keep_text_encoder=True)
+    rt._text_encoder = text_encoder
+    rt.linear = impl
+    return rt
+
+
+def render(rt, height, width, steps=4):
+    """encode (512 tokens) + `steps` Euler steps + VAE decode; returns (stage seconds, uint8 image)."""
+    from bonsai import latents, scheduler
+
+    ids = torch.randint(0, rt._load_text_encoder().config.vocab_size, (1, TEXT_TOKENS))
+    mask = torch.ones_like(ids)
+    h, w = latents.latent_size(height, width)
+    sigmas = scheduler.sigmas(steps, h * w)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    feats = rt.encode(ids, mask)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    noise = latents.pack(latents.noise(0, height, width, dtype=rt.dtype)).float()
+    x = rt.denoise(noise, feats, sigmas, latents.img_ids(h, w), latents.txt_ids(TEXT_TOKENS))
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    img = rt.decode(x, height, width)
+    t3 = time.perf_counter()
+    return dict(encode_s=t1 - t0, denoise_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0), img
+
+
+def bench_e2e(dtype, impls, kinds, reps=5):
+    from bonsai.backends.cuda.linear import release_scratch
+
+    rows = []
+    te = random_text_encoder(dtype)
+    te_gb = gb(torch.cuda.memory_allocated())
+    for kind in kinds:
+        for impl in impls:
+            release_scratch()
+            torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            rt = build_runtime(kind, impl, dtype, te)
+            build_s = time.perf_counter() - t0
+            for hgt, wid in SIZES.values():
+                first, _ = render(rt, hgt, wid)  # cold at this size: Triton JIT / gemlite autotune
+                runs = []
+                for _ in range(reps):
+                    release_scratch()
+                    torch.cuda.reset_peak_memory_stats()
+                    stages, img = render(rt, hgt, wid)
+                    stages["peak_gb"] = gb(torch.cuda.max_memory_allocated())
+                    runs.append(stages)
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", runs=reps, first_image_s=first["total_s"],
+                           build_s=build_s, text_encoder_gb=te_gb, **med)
+                rows.append(row)
+                print(f"e2e {kind:8s} {impl:10s} {row['size']:9s} first {first['total_s']:6.2f} s  warm median "
+                      f"{med['total_s'] * 1e3:7.1f} ms (encode {med['encode_s'] * 1e3:.1f}, denoise "
+                      f"{med['denoise_s'] * 1e3:.1f}, decode {med['decode_s'] * 1e3:.1f})  peak {med['peak_gb']:.2f} GB",
+                      flush=True)
+            del rt
+    del te
+    release_scratch()
+    torch.cuda.empty_cache()
     return rows
 
 
@@ -210,27 +322,48 @@ def versions():
 
 
 def markdown(result) -> str:
-    lines = ["| kind | linear (K->N) | M | ours TFLOP/s | gemlite 8-bit TFLOP/s | dense bf16 TFLOP/s | ours/dense |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result.get("linears", []):
-        g = f"{r['gemlite_tflops']:.0f}" if r["gemlite_tflops"] else "-"
-        lines.append(f"| {r['kind']} | {r['linear']} {r['K']}->{r['N']} | {r['M']} | {r['ours_tflops']:.0f} | {g} | "
-                     f"{r['dense_tflops']:.0f} | {r['ours_tflops'] / r['dense_tflops']:.2f} |")
-    lines += ["", "| kind | linears | size | step (median) | first step | model VRAM | peak VRAM |",
-              "|---|---|---|---|---|---|---|"]
-    for r in result.get("steps", []):
-        lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['first_step_s']:.2f} s | "
-                     f"{r['weights_gb']:.2f} GB | {r['peak_gb']:.2f} GB |")
+    v = result["versions"]
+    lines = [f"Command: `{result['command']}`  ", f"Date: {result['date']}; {v['gpu']}; torch {v['torch']} (CUDA "
+             f"{v['cuda']}), triton {v['triton']}, gemlite {v['gemlite']}, python {v['python']}; activations "
+             f"{result['dtype']}.", ""]
+    if result.get("linears"):
+        lines += ["Per linear (median of triton.testing.do_bench; ours = Triton expand to a bf16 scratch + cuBLAS; "
+                  "gemlite = released layout, 8-bit packing):", "",
+                  "| kind | linear (K->N) | M | ours TFLOP/s | gemlite TFLOP/s | dense bf16 TFLOP/s | ours/dense | "
+                  "expand |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["linears"]:
+            g = f"{r['gemlite_tflops']:.0f}" if r["gemlite_tflops"] else "-"
+            lines.append(f"| {r['kind']} | {r['linear']} {r['K']}->{r['N']} | {r['M']} | {r['ours_tflops']:.0f} | {g} "
+                         f"| {r['dense_tflops']:.0f} | {r['ours_tflops'] / r['dense_tflops']:.2f} | "
+                         f"{r['expand_ms'] * 1e3:.0f} us |")
+    if result.get("steps"):
+        lines += ["", "Full 4B transformer step (5 double + 20 single blocks, 512 text tokens, random weights):", "",
+                  "| kind | linears | size | step (median of 7) | first step | weights VRAM | steady VRAM | "
+                  "peak VRAM |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["steps"]:
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['first_step_s']:.2f} s "
+                         f"| {r['weights_gb']:.2f} GB | {r['steady_gb']:.2f} GB | {r['peak_gb']:.2f} GB |")
+    if result.get("e2e"):
+        lines += ["", "End to end (encode 512 tokens + 4 steps + VAE decode; warm median of 5; text encoder Qwen3-4B "
+                  "27 layers dense bf16, kept resident):", "",
+                  "| kind | linears | size | total | encode | denoise | decode | first image | peak VRAM |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["e2e"]:
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['total_s'] * 1e3:.0f} ms | "
+                         f"{r['encode_s'] * 1e3:.1f} ms | {r['denoise_s'] * 1e3:.1f} ms | {r['decode_s'] * 1e3:.1f} ms | "
+                         f"{r['first_image_s']:.2f} s | {r['peak_gb']:.2f} GB |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/h100", help="output prefix (writes .json and .md)")
-    p.add_argument("--sections", default="linear,step")
+    p.add_argument("--sections", default="linear,step,e2e")
     p.add_argument("--linear-kinds", default="ternary")
     p.add_argument("--step-kinds", default="ternary,binary")
     p.add_argument("--impls", default="ours,gemlite,dense_bf16")
+    p.add_argument("--e2e-kinds", default="ternary,binary")
+    p.add_argument("--e2e-impls", default="ours,gemlite")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -248,7 +381,7 @@ def main(argv=None):
 
     sections = args.sections.split(",")
     tune_file = None
-    if "gemlite" in impls:
+    if "gemlite" in impls or "gemlite" in args.e2e_impls:
         from bonsai.backends.cuda import gemlite as glb
 
         tune_file = glb.autotune_cache_path()
@@ -258,6 +391,9 @@ def main(argv=None):
         save()
     if "step" in sections:
         result["steps"] = bench_steps(dtype, impls, args.step_kinds.split(","))
+        save()
+    if "e2e" in sections:
+        result["e2e"] = bench_e2e(dtype, args.e2e_impls.split(","), args.e2e_kinds.split(","))
         save()
     if tune_file is not None:
         glb.save_autotune(tune_file)

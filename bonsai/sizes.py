@@ -31,7 +31,7 @@ def check_size(width: int, height: int) -> None:
 
 
 def snap(v: float) -> int:
-    return max(MULTIPLE, int(round(v / MULTIPLE)) * MULTIPLE)
+    return max(MULTIPLE, int(v / MULTIPLE + 0.5) * MULTIPLE)  # half up, not to even
 
 
 def parse_aspect(aspect: str) -> tuple[float, float]:

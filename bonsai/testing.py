@@ -138,6 +138,8 @@ def write_hqq_text_encoder(folder: Path, config, state: dict) -> Path:
     for key, t in state.items():
         leaf = key.removesuffix(".weight")
         qmodel[leaf] = hqq_linear_state(t) if _is_linear(key) else {"weight": t.half()}
+    # hqq serializes every leaf; the tied lm_head shares the embedding's storage, so torch.save stores it once.
+    qmodel["lm_head"] = {"weight": qmodel["model.embed_tokens"]["weight"]}
     torch.save(qmodel, out / "qmodel.pt")
     (out / "config.json").write_text(config.to_json_string())
     return out
