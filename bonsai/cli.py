@@ -14,14 +14,6 @@ DEFAULT_MODELS = {
 }
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must look like 1024x768, got {text!r}") from None
-    return w, h
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="repo id or local folder (default: the ternary repo for the backend)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda", "mlx"])
@@ -49,7 +41,9 @@ def _job_kwargs(job: dict) -> dict:
     kwargs = {k: job[k] for k in ("prompt", "seed", "steps", "style", "aspect", "long_edge", "width", "height")
               if job.get(k) is not None}
     if job.get("size"):
-        kwargs["width"], kwargs["height"] = _size(job["size"])
+        from .sizes import parse_size
+
+        kwargs["width"], kwargs["height"] = parse_size(job["size"])
     return kwargs
 
 

@@ -11,19 +11,14 @@ import bonsai
 from bonsai import testing, weights
 from bonsai.quant import LowBitWeight
 
-LAYERS = testing.TINY_FEATURE_LAYERS
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    path = tmp_path_factory.mktemp("repo") / "bonsai-tiny-ternary-gemlite"
-    testing.write_repo(path, layout="gemlite", kind="ternary", transformer_config=testing.TINY_TRANSFORMER, seed=0)
-    return path
+    return testing.write_repo(tmp_path_factory.mktemp("repo") / "tiny-ternary-gemlite", layout="gemlite", seed=0)
 
 
 @pytest.fixture(scope="module")
 def pipe(repo):
-    return bonsai.Pipeline.from_pretrained(repo, backend="torch", dtype=torch.float32, layers=LAYERS)
+    return bonsai.Pipeline.from_pretrained(repo, backend="torch", dtype=torch.float32)
 
 
 def _diffusers_pipeline(repo):
@@ -48,7 +43,11 @@ def _diffusers_pipeline(repo):
                                         tokenizer=tokenizer, transformer=transformer.float(), is_distilled=True)
 
 
-def test_pipeline_matches_diffusers(repo, pipe):
+@pytest.mark.parametrize("layout, kind", [("gemlite", "ternary"), ("mlx", "binary"), ("unpacked", "ternary"),
+                                          ("compact", "binary"), ("gemlite", "binary")])
+def test_pipeline_matches_diffusers(tmp_path, layout, kind):
+    repo = testing.write_repo(tmp_path / f"{kind}-{layout}", layout=layout, kind=kind, seed=4)
+    pipe = bonsai.Pipeline.from_pretrained(repo, backend="torch", dtype=torch.float32)
     ref = _diffusers_pipeline(repo)
     seen = {}
 
@@ -57,7 +56,7 @@ def test_pipeline_matches_diffusers(repo, pipe):
         return kw
 
     out = ref(prompt="a red fox in snow", height=64, width=96, num_inference_steps=4, guidance_scale=1.0,
-              generator=torch.Generator("cpu").manual_seed(3), output_type="np", text_encoder_out_layers=LAYERS,
+              generator=torch.Generator("cpu").manual_seed(3), output_type="np", text_encoder_out_layers=(9, 18, 27),
               callback_on_step_end=grab)
     ours = {}
     result = pipe("a red fox in snow", width=96, height=64, seed=3, progress=False,
