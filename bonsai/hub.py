@@ -55,5 +55,9 @@ def resolve(repo_id_or_dir: str | os.PathLike, revision: str | None = None, cach
 
     patterns = _COMMON + _PATTERNS.get(_flavour(repo_id), sum(_PATTERNS.values(), []))
     log.info("fetching %s (%s)", repo_id, ", ".join(patterns))
-    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
-                                  local_files_only=local_files_only))
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
+                                      local_files_only=local_files_only))
+    except Exception as e:  # offline, unknown repo, no cache: one clear message instead of an HTTP traceback
+        raise FileNotFoundError(f"cannot fetch {repo_id!r} from Hugging Face or the local cache "
+                                f"({type(e).__name__}: {e})") from None

@@ -32,10 +32,8 @@ def test_hub_local_folder_and_bad_ids(tmp_path):
 
 
 def test_hub_offline_repo_id_fails_clearly(tmp_path):
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    with pytest.raises((LocalEntryNotFoundError, FileNotFoundError)):
-        hub.resolve("prism-ml/bonsai-image-ternary-4B-gemlite-2bit", local_files_only=True)
+    with pytest.raises(FileNotFoundError, match="cannot fetch 'prism-ml/bonsai-image-ternary-4B-gemlite-2bit'"):
+        hub.resolve("prism-ml/bonsai-image-ternary-4B-gemlite-2bit", local_files_only=True, cache_dir=tmp_path)
 
 
 def test_hub_patterns_per_flavour():

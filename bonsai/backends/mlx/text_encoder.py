@@ -7,17 +7,17 @@ dense through `bonsai.weights.read_text_encoder`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ...config import read_json
+from ...prompt import FEATURE_LAYERS as DEFAULT_LAYERS
 from . import mx_dtype, to_mx
 
 MLX_TE_DIR = "text_encoder-mlx-4bit"
-DEFAULT_LAYERS = (9, 18, 27)
 
 
 def _qwen3():
@@ -72,24 +72,15 @@ def model_args(config: dict):
         raise ValueError(f"text encoder config is not a Qwen3 config: {e}") from None
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
 def read_mlx_text_encoder(folder: str | Path, n_layers: int) -> tuple[dict, dict | None, dict[str, mx.array]]:
     """`text_encoder-mlx-4bit/` (or the repo root) -> (config, quantization, tensors of layers < n_layers)."""
     folder = Path(folder)
     if (folder / MLX_TE_DIR).is_dir():
         folder = folder / MLX_TE_DIR
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     quant = config.get("quantization") or config.get("quantization_config")
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     tensors = {}
     for name in files:
         path = folder / name

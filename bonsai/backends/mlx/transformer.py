@@ -6,7 +6,6 @@ The 100 big linears are `LowBitLinear`: stock `mx.quantized_matmul` over the MLX
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ...config import TransformerConfig
 from ...latents import rope_tables
+from ...weights import read_quant_config
 from . import mx_dtype, to_mx
 
 FP16_MAX = 65504.0
@@ -295,22 +295,6 @@ def linear_shapes(model: Flux2Transformer) -> dict[str, tuple[int, int]]:
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def read_quant_config(folder: Path) -> tuple[int, int, str | None]:
-    """transformer-packed-mflux/quantization_config.json -> (bits, group_size, solver)."""
-    path = folder / "quantization_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path}")
-    try:
-        q = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    bits = q.get("bits", q.get("nbits"))
-    group = q.get("group_size", q.get("groupSize", 128))
-    if bits not in (1, 2) or group != 128:
-        raise ValueError(f"{path}: need bits in (1, 2) and group_size 128, got bits={bits} group_size={group}")
-    return int(bits), int(group), q.get("solver")
-
-
 def check_mlx_linear(key: str, w: mx.array, scales: mx.array, biases: mx.array, shape: tuple[int, int],
                      bits: int, group_size: int, source: str) -> None:
     """Validate one released MLX low-bit linear: dtypes, shapes and the ternary/binary scale-bias rule."""
@@ -344,7 +328,8 @@ def read_packed_mflux(folder: str | Path) -> tuple[TransformerConfig, int, int, 
     if (folder / PACKED_DIR).is_dir():
         folder = folder / PACKED_DIR
     config = TransformerConfig.from_json(folder / "config.json")
-    bits, group, _ = read_quant_config(folder)
+    q = read_quant_config(folder)
+    bits, group = q["bits"], q["group_size"]
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}")
