@@ -120,7 +120,7 @@ def bench_size(rt: MLXRuntime, size: int, steps: int, repeat: int) -> dict:
 
 def markdown(result: dict) -> str:
     m = result["meta"]
-    lines = [f"# MLX backend benchmark ({m['device_label']})", "",
+    lines = [f"# MLX backend benchmark ({m['device_label']})", "", f"- command: `{m['command']}`",
              f"- device: `{m['device']}` ({m['machine']}, {m['system']}), mlx {m['mlx']}, dtype {m['dtype']}",
              f"- model: {m['model']}", f"- steps: {m['steps']}, text tokens: {TEXT_TOKENS}, best of {m['repeat']}",
              "- s/image = denoise + VAE decode (prompt encoding excluded); memory = mean of mx.get_active_memory() "
@@ -155,7 +155,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     on_metal = mx.metal.is_available()
-    meta = {"device": str(mx.default_device()), "device_label": "MLX-Metal" if on_metal else "MLX-CPU (not Metal)",
+    meta = {"command": "python " + " ".join(sys.argv), "device": str(mx.default_device()), "device_label": "MLX-Metal" if on_metal else "MLX-CPU (not Metal)",
             "machine": platform.machine(), "system": platform.system(), "mlx": mx.__version__,
             "dtype": dtype_name(args.dtype), "steps": args.steps, "repeat": args.repeat,
             "model": args.model or ("synthetic small: " + repr(SMALL) if args.small else "synthetic klein-4B shapes")}

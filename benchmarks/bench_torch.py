@@ -1,10 +1,11 @@
-"""Time a 4-step denoise of the torch-backend transformer with random low-bit weights.
+"""Time the torch reference backend: a whole 4-step render of a tiny repo, and the denoise loop of the tiny and
+the real-width transformer with random low-bit weights.
 
-    python benchmarks/bench_torch.py --configs tiny --size 256 --out benchmarks/results/torch.json
-    python benchmarks/bench_torch.py --configs klein-4b --size 256 --steps 1 --device cuda
+    python benchmarks/bench_torch.py --configs tiny,klein-4b --size 128 --steps 1 --out benchmarks/results/torch-cpu.json
 
-Weights are random packed ternary/binary codes built directly in the packed layout (a dense fp32 copy of the
-real-width model would be 15 GB), so this measures speed and memory only. Text features are random [1, 512, joint].
+Weights are random packed ternary/binary codes (`bonsai.testing`), held packed as the backend holds them (a dense
+fp32 copy of the real-width model would be 15 GB), so this measures speed and memory only. Text features for the
+transformer rows are random [1, 512, joint].
 """
 
 from __future__ import annotations
@@ -12,50 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
-import types
 
 import torch
 
-from bonsai import latents
-from bonsai.backends.torch.transformer import Flux2Transformer, load_transformer
-from bonsai.config import KLEIN_4B, TransformerConfig
+import bonsai
+from bonsai import latents, testing
+from bonsai.backends.torch.transformer import load_transformer
+from bonsai.config import KLEIN_4B
 
-CONFIGS = {
-    "tiny": TransformerConfig(in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=64,
-                              num_attention_heads=2, joint_attention_dim=256, axes_dims_rope=(16, 16, 16, 16)),
-    "klein-4b": KLEIN_4B,
-}
+CONFIGS = {"tiny": testing.TINY_TRANSFORMER, "klein-4b": KLEIN_4B}
 SIGMAS_512 = [1.0, 0.9580854, 0.8839819, 0.7174966, 0.0]  # klein's 4-step schedule at 512x512 (spec §4.2)
-
-
-def random_lowbit(shape, kind: str, group_size: int, gen: torch.Generator):
-    """A packed weight with the LowBitWeight attributes, drawn without a dense intermediate."""
-    out, k = shape
-    bits = 2 if kind == "ternary" else 1
-    if kind == "ternary":
-        q = torch.randint(0, 3, (out, k // 4, 4), generator=gen, dtype=torch.uint8)
-        packed = q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)  # LSB-first along in
-    else:
-        packed = torch.randint(0, 256, (out, k // 8), generator=gen, dtype=torch.uint8)
-    scales = torch.rand(out, k // group_size, generator=gen) * (2 / k) ** 0.5 + 1e-3
-    return types.SimpleNamespace(kind=kind, shape=(out, k), group_size=group_size, bits=bits, packed=packed,
-                                 scales=scales)
-
-
-def random_state(cfg: TransformerConfig, kind: str, group_size: int = 128, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Flux2Transformer(cfg).state_dict().items()}
-    state = {}
-    for key, shape in shapes.items():
-        if key.startswith(("transformer_blocks.", "single_transformer_blocks.")) and len(shape) == 2:
-            state[key] = random_lowbit(shape, kind, group_size, gen)
-        elif len(shape) == 1:
-            state[key] = torch.ones(shape)
-        else:
-            state[key] = torch.randn(shape, generator=gen) / shape[1] ** 0.5
-    return state
 
 
 def sync(device: torch.device):
@@ -76,7 +45,7 @@ def denoise(model, x, features, sigmas, img_ids, txt_ids):
 def bench(name: str, size: int, steps: int, kind: str, device: torch.device, dtype: torch.dtype, txt_len: int):
     cfg = CONFIGS[name]
     t0 = time.perf_counter()
-    model = load_transformer(random_state(cfg, kind), cfg, device=device, dtype=dtype)
+    model = load_transformer(testing.random_transformer(cfg, kind), cfg, device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
     h = w = size // 16
     x = latents.pack(latents.noise(0, size, size, channels=cfg.in_channels)).to(device, dtype)
@@ -103,6 +72,17 @@ def bench(name: str, size: int, steps: int, kind: str, device: torch.device, dty
     }
 
 
+def bench_render(size: int, kind: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """A whole render (encode + 4 steps + decode) of a tiny synthetic gemlite repo through bonsai.Pipeline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = testing.write_repo(f"{tmp}/repo", layout="gemlite", kind=kind)
+        pipe = bonsai.Pipeline.from_pretrained(repo, backend="torch", device=device, dtype=dtype)
+        pipe("warm-up", width=size, height=size, seed=0, progress=False)
+        report = pipe("a bonsai tree", width=size, height=size, seed=1, progress=False).report
+    return {"size": size, "kind": kind, "encode_s": round(report.encode_s, 4), "denoise_s": round(report.denoise_s, 4),
+            "decode_s": round(report.decode_s, 4), "total_s": round(report.total_s, 4), "report": str(report)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="tiny,klein-4b", help=f"comma list of {sorted(CONFIGS)}")
@@ -122,6 +102,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
+    render = bench_render(args.size, args.kind, device, dtype)
+    print(f"tiny repo, whole render ({args.size}x{args.size}, 4 steps): {render['report']}")
     rows = [bench(n, args.size, args.steps, args.kind, device, dtype, args.txt_len) for n in names]
 
     cols = ["config", "size", "steps", "kind", "device", "dtype", "tokens", "s_per_step", "total_s", "peak_gb"]
@@ -133,7 +115,7 @@ def main(argv=None):
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "args": vars(args)}
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+            json.dump({"meta": meta, "render": render, "results": rows}, f, indent=2)
         print(f"wrote {args.out}")
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from . import __version__, hub, latents, scheduler, sizes, weights
-from .backends import Backend, load_runtime, resolve
+from .backends import load_runtime, resolve
 from .config import SchedulerConfig
 from .prompt import load_tokenizer, tokenize
 

@@ -62,6 +62,21 @@ def run(model, args, dtype):
         return model(x.cuda().to(dtype), c.cuda().to(dtype), t.cuda().to(dtype), img.cuda(), txt.cuda()).float()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def gemlite_autotune_cache():
+    """Reuse (and extend) the per-GPU gemlite autotune cache, as CudaRuntime does."""
+    try:
+        import gemlite  # noqa: F401
+    except ImportError:
+        yield
+        return
+    from bonsai.backends.cuda import gemlite as glb
+
+    glb.load_autotune(glb.autotune_cache_path())
+    yield
+    glb.save_autotune(glb.autotune_cache_path())
+
+
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
 @pytest.mark.parametrize("linear", ["fast", "gemlite", "gemlite_released"])
 @pytest.mark.parametrize("size", ["tiny", "real_width"])
@@ -121,8 +136,12 @@ def test_pipeline_renders_gemlite_repo_on_cuda(gemlite_repo, linear):
     if linear == "gemlite":  # the released pack went into gemlite layers as stored (8-bit packing, fp32 meta)
         layer = pipe.runtime.transformer.transformer_blocks[0].attn.to_q
         assert type(layer).__name__ == "GemLiteLinearTriton" and layer.W_q.dtype == torch.uint8
+    assert pipe.runtime.cuda_graphs  # the default: each step replays a captured forward
     pipe.runtime.warmup(sizes=((64, 64),), text_tokens=512)
     got = np.asarray(pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
+    pipe.runtime.configure(cuda_graphs=False)
+    eager = np.asarray(pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
+    assert np.abs(got - eager).max() <= 1.0  # replay runs the same kernels as eager
     ref_pipe = Pipeline.from_pretrained(gemlite_repo, backend="torch", device="cuda", dtype=torch.bfloat16)
     ref = np.asarray(ref_pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
     assert got.shape == (64, 64, 3) and got.std() > 1.0

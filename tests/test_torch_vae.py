@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bonsai import latents as L
-from bonsai.backends.torch.vae import VAEDecoder, blend_tiles, load_vae_decoder, to_uint8
+from bonsai.backends.torch.vae import VAEDecoder, blend_tiles, load_vae_decoder
 from bonsai.config import VAEConfig
 
 diffusers = pytest.importorskip("diffusers")

@@ -79,13 +79,13 @@ class LowBitWeight:
                    name: str = "weight") -> "LowBitWeight":
         """codes: int [out, in] in the kind's value set; scales: [out, in // group_size]."""
         _check(kind in BITS, name, f"kind must be 'ternary' or 'binary', got {kind!r}")
-        codes = codes.to(torch.int16)
         allowed = (-1, 0, 1) if kind == "ternary" else (-1, 1)
-        bad = ~torch.isin(codes, torch.tensor(allowed, dtype=torch.int16))
+        bad = (codes < -1) | (codes > 1) if kind == "ternary" else (codes != 1) & (codes != -1)
         if bool(bad.any()):
             raise ValueError(f"{name}: {kind} codes must be in {allowed}, found {int(codes[bad][0])}")
-        q = codes + 1 if kind == "ternary" else (codes + 1) // 2
-        return cls(kind, pack_bits(q.to(torch.uint8), BITS[kind]), scales.to(torch.float32).contiguous(), group_size)
+        q = (codes.to(torch.int8) + 1).view(torch.uint8)
+        q = q if kind == "ternary" else q >> 1
+        return cls(kind, pack_bits(q, BITS[kind]), scales.to(torch.float32).contiguous(), group_size)
 
     @classmethod
     def quantize(cls, dense: torch.Tensor, kind: str, group_size: int = 128) -> "LowBitWeight":

@@ -12,9 +12,11 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits
     if q.shape[-1] % per:
         raise ValueError(f"last dim {q.shape[-1]} is not a multiple of {per} ({bits}-bit codes per byte)")
-    shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
-    grouped = q.to(torch.int32).reshape(*q.shape[:-1], q.shape[-1] // per, per)  # [..., K/per, per]
-    return (grouped << shifts).sum(-1).to(torch.uint8)
+    grouped = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // per, per)  # [..., K/per, per]
+    out = grouped[..., 0].clone()
+    for i in range(1, per):  # disjoint bit fields: OR them in place, no wide intermediate
+        out |= grouped[..., i] << (i * bits)
+    return out
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ float tensor (a Python 0.5 would be truncated to 0 by gemlite) -> stored -s.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,21 @@ class GemliteState:
         return int(self.state["metadata"][_META_NBITS])
 
 
+def _forward(layer, x: torch.Tensor) -> torch.Tensor:
+    # gemlite picks GEMM_SPLITK for 5 <= M < 64. On an H100 (triton 3.6, gemlite 0.6.0.post2) that path hung
+    # the GPU in our tests, so those M run the plain GEMM kernel (same numerics; M is small, so the padding to
+    # the tile height costs little). Every other M keeps gemlite's own choice.
+    m = x.numel() // x.shape[-1]
+    if 4 < m < 64:
+        return layer.forward_manual(x, "GEMM")
+    return layer.forward_auto_no_warmup(x)
+
+
+def _finish(layer):
+    layer.forward = functools.partial(_forward, layer)  # gemlite itself binds `forward` per instance
+    return layer
+
+
 def from_state(state: dict, device="cuda", dtype: torch.dtype = torch.bfloat16, name: str = "linear"):
     """A gemlite state dict (W_q, scales, zeros, metadata, orig_shape[, bias]) -> GemLiteLinearTriton.
 
@@ -108,7 +124,7 @@ def from_state(state: dict, device="cuda", dtype: torch.dtype = torch.bfloat16, 
         sd["bias"] = state["bias"].to(device=device, dtype=dtype)
     layer = gemlite.GemLiteLinearTriton()
     layer.load_state_dict(sd)
-    return layer
+    return _finish(layer)
 
 
 def from_lowbit(weight, device="cuda", dtype: torch.dtype = torch.bfloat16, packing_bitwidth: int = 8):
@@ -130,7 +146,7 @@ def from_lowbit(weight, device="cuda", dtype: torch.dtype = torch.bfloat16, pack
     else:
         s2 = 2 * s  # exact: doubling only changes the exponent
         layer.pack(q, s2, torch.full_like(s2, 0.5), packing_bitwidth=packing_bitwidth)  # W = q*2s - s
-    return layer
+    return _finish(layer)
 
 
 def make_gemlite_linear(weight, device="cuda", dtype: torch.dtype = torch.bfloat16):

@@ -24,6 +24,11 @@ def scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tenso
     return buf[:numel]
 
 
+def scratch_buffers() -> list[torch.Tensor]:
+    """The current scratch buffers (a CUDA graph captured against them must keep them alive)."""
+    return list(_SCRATCH.values())
+
+
 def release_scratch() -> None:
     """Drop the scratch buffers (they are re-made on the next call)."""
     _SCRATCH.clear()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..torch.runtime import TorchRuntime
-from .linear import LINEARS, make_linear_factory, release_scratch
+from .linear import LINEARS, make_linear_factory, release_scratch, scratch_buffers
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,13 @@ class CudaRuntime(TorchRuntime):
 
     @classmethod
     def load(cls, folder, device=None, dtype=None, linear: str = "auto", keep_text_encoder: bool = False,
-             autotune_file: str | Path | None = None, **options):
+             autotune_file: str | Path | None = None, cuda_graphs: bool = True, compile: bool = False, **options):
         """linear: "auto" (= "fast": Triton expand + cuBLAS), "fast" or "gemlite"; dtype bf16 (default) or fp16.
 
         With "gemlite", a released gemlite repo loads as stored and its `gemlite_autotune.json` is honoured;
         tuned configs are persisted per GPU model under the user cache (`autotune_file` overrides the path).
+        cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
+        ~1k small kernels per step). compile: torch.compile each transformer block (fuses the elementwise work).
         """
         if not torch.cuda.is_available():
             raise RuntimeError("CudaRuntime needs a CUDA device; torch.cuda.is_available() is False")
@@ -88,10 +90,52 @@ class CudaRuntime(TorchRuntime):
                               keep_text_encoder=keep_text_encoder, **options)
         rt.linear = "fast" if linear == "auto" else linear
         rt.autotune_file = tune
+        rt.configure(cuda_graphs=cuda_graphs, compile=compile)
         torch.cuda.synchronize(device)
         rt.load_seconds = time.perf_counter() - t0
         rt.resident_gb = torch.cuda.memory_allocated(device) / 1e9
         return rt
+
+    def configure(self, cuda_graphs: bool = True, compile: bool = False) -> None:
+        """Set the denoise-loop execution options (see `load`); drops captured graphs."""
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs = {}
+        self._graph_pool = None
+        if compile and not getattr(self, "compiled", False):
+            # Blocks of one class share their compiled code: parameters are graph inputs, not constants.
+            for block in list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks):
+                block.compile()
+            self.compiled = True
+
+    def _graphed_forward(self, x, features, img_ids, txt_ids) -> "GraphedForward":
+        key = (tuple(x.shape), tuple(features.shape), tuple(img_ids.shape), tuple(txt_ids.shape))
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()  # one pool: graphs never run concurrently
+            graphed = self._graphs[key] = GraphedForward(self.transformer, x, features, img_ids, txt_ids,
+                                                         pool=self._graph_pool)
+        graphed.set_context(features, img_ids, txt_ids)
+        return graphed
+
+    @torch.inference_mode()
+    def denoise(self, noise, features, sigmas, img_ids, txt_ids, callback=None) -> torch.Tensor:
+        """Euler flow matching like TorchRuntime.denoise; with cuda_graphs, each step replays a captured forward."""
+        if not getattr(self, "cuda_graphs", False):
+            return super().denoise(noise, features, sigmas, img_ids, txt_ids, callback)
+        x = noise.to(self.device, self.dtype)
+        features = features.to(self.device, self.dtype)
+        run = self._graphed_forward(x, features, img_ids, txt_ids)
+        sig = torch.as_tensor(sigmas, dtype=torch.float32)
+        timesteps = sig[:-1] * 1000
+        for i in range(len(sigmas) - 1):
+            t = timesteps[i].expand(x.shape[0]).to(self.device, self.dtype) / 1000
+            v = run(x, t)
+            # Step in fp32 then cast back, as FlowMatchEulerDiscreteScheduler.step does.
+            x = (x.float() + (sig[i + 1] - sig[i]).to(self.device) * v.float()).to(self.dtype)
+            if callback is not None:
+                callback(i, x)
+        return x
 
     @torch.inference_mode()
     def warmup(self, sizes=((1024, 1024),), text_tokens: int = 512) -> dict[tuple[int, int], float]:
@@ -122,9 +166,67 @@ class CudaRuntime(TorchRuntime):
                     peak_gb=torch.cuda.max_memory_allocated(self.device) / 1e9)
 
     def release(self) -> None:
-        """Drop the shared expand scratch (re-made on the next call) and cached allocator blocks."""
+        """Drop captured graphs, the shared expand scratch (re-made on the next call) and cached allocator blocks."""
+        self._graphs = {}
+        self._graph_pool = None
         release_scratch()
         torch.cuda.empty_cache()
+
+
+class GraphedForward:
+    """One CUDA graph of `transformer(x, features, t, img_ids, txt_ids)` for fixed shapes; call(x, t) replays it.
+
+    The RoPE tables are built outside the graph (the model builds them on the host) and fed as static buffers.
+    """
+
+    def __init__(self, model, x, features, img_ids, txt_ids, pool=None):
+        device = x.device
+        self.model = model
+        self.x, self.c = x.clone(), features.clone()
+        self.t = torch.zeros(x.shape[0], device=device, dtype=x.dtype)
+        self.img, self.txt = img_ids.clone(), txt_ids.clone()
+        self.rope = tuple(r.clone() for r in model.rope(img_ids, txt_ids, device))
+        with _static_rope(model, self.rope):
+            # Eager warmup on a side stream first: Triton JIT, gemlite autotuning and the expand scratch all
+            # allocate or synchronize, which a capture must not do.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                model(self.x, self.c, self.t, self.img, self.txt)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.out = model(self.x, self.c, self.t, self.img, self.txt)
+        # The kernels were captured against these scratch buffers: keep them alive even if the shared scratch
+        # is released or regrown later.
+        self.scratch = scratch_buffers()
+
+    def set_context(self, features, img_ids, txt_ids) -> None:
+        self.c.copy_(features)
+        if not (torch.equal(img_ids.cpu(), self.img.cpu()) and torch.equal(txt_ids.cpu(), self.txt.cpu())):
+            self.img.copy_(img_ids)
+            self.txt.copy_(txt_ids)
+            for dst, src in zip(self.rope, self.model.rope(img_ids, txt_ids, self.x.device)):
+                dst.copy_(src)
+
+    def __call__(self, x, t) -> torch.Tensor:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.graph.replay()
+        return self.out
+
+
+class _static_rope:
+    """Make `model.rope(...)` return fixed tensors for the duration of a capture."""
+
+    def __init__(self, model, rope):
+        self.model, self.rope = model, rope
+
+    def __enter__(self):
+        self.model.rope = lambda *args, **kwargs: self.rope
+
+    def __exit__(self, *exc):
+        del self.model.rope
 
 
 def _default_layers():
