@@ -1,16 +1,19 @@
-"""CUDA benchmark, one run, side by side: per-linear TFLOP/s and full 4B transformer steps.
+"""CUDA benchmark, one run, side by side: per-linear TFLOP/s, full 4B transformer steps, end-to-end images.
 
     python benchmarks/bench_cuda.py --out benchmarks/results/h100
 
-Per linear (every FLUX.2 klein 4B shape x M tokens): ours (Triton expand + cuBLAS), gemlite W2 with 8-bit
-packing (the released layout), dense cuBLAS bf16. Per step: the full 4B transformer (5 double + 20 single
-blocks, random weights, built in memory) with each linear kind at 512^2 and 1024^2, plus steady and peak VRAM.
-Writes OUT.json and OUT.md (tables); prints the tables as it goes.
+Per linear (every FLUX.2 klein 4B shape x M tokens): ours (Triton expand + cuBLAS), gemlite with 8-bit packing
+(the released layout, loaded as stored), dense cuBLAS bf16. Per step: the full 4B transformer (5 double + 20
+single blocks, random weights built in memory) with each linear kind at 512^2 and 1024^2, eager and as one CUDA
+graph, with weights / steady / peak VRAM; a torch.profiler breakdown by kernel category. End to end: encode
+(random Qwen3-4B, 27 layers) + 4 steps + VAE decode, warm median of 5 and the first image. Writes OUT.json and
+OUT.md; prints rows as it goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -151,6 +154,24 @@ def gb(nbytes) -> float:
     return nbytes / 1e9
 
 
+def graphed_step_ms(model, args, reps) -> float:
+    """Median step time replaying one CUDA graph of the forward (no CPU launch cost), as CudaRuntime runs it."""
+    from bonsai.backends.cuda.runtime import GraphedForward
+
+    x, c, t, img, txt = args
+    with torch.inference_mode():
+        run = GraphedForward(model, x, c, img, txt)
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run(x, t)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    del run
+    return statistics.median(times) * 1e3
+
+
 def bench_steps(dtype, impls, kinds, reps=7):
     from bonsai import latents
     from bonsai.backends.cuda.linear import release_scratch
@@ -163,6 +184,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
         tensors = random_model_tensors(KLEIN_4B, kind)
         for impl in impls:
             release_scratch()
+            gc.collect()  # the previous model may sit in a reference cycle
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
             model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl])
@@ -175,6 +197,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
                 t = torch.full((1,), 0.5, device="cuda", dtype=dtype)
                 img, txt = latents.img_ids(h, w).cuda(), latents.txt_ids(TEXT_TOKENS).cuda()
                 release_scratch()  # so the scratch allocation shows in this size's peak
+                gc.collect()
                 torch.cuda.reset_peak_memory_stats()
                 times = []
                 with torch.inference_mode():
@@ -185,18 +208,74 @@ def bench_steps(dtype, impls, kinds, reps=7):
                         torch.cuda.synchronize()
                         times.append(time.perf_counter() - t0)
                 # steady: what stays allocated between steps (weights + scratch); peak: inside a step.
+                steady, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
+                graph_ms = graphed_step_ms(model, (x, c, t, img, txt), reps)
                 row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", first_step_s=times[0],
-                           step_ms=statistics.median(times[1:]) * 1e3, steps_measured=reps,
-                           weights_gb=gb(resident), steady_gb=gb(torch.cuda.memory_allocated() - base),
-                           peak_gb=gb(torch.cuda.max_memory_allocated() - base))
+                           step_ms=statistics.median(times[1:]) * 1e3, graph_step_ms=graph_ms, steps_measured=reps,
+                           weights_gb=gb(resident), steady_gb=gb(steady), peak_gb=gb(peak))
                 rows.append(row)
                 print(f"step {kind:8s} {impl:10s} {row['size']:9s} first {times[0]:6.2f} s  median "
-                      f"{row['step_ms']:7.1f} ms  weights {row['weights_gb']:5.2f} GB  steady {row['steady_gb']:5.2f}"
+                      f"{row['step_ms']:7.1f} ms  graphed {graph_ms:7.1f} ms  weights {row['weights_gb']:5.2f} GB  steady {row['steady_gb']:5.2f}"
                       f" GB  peak {row['peak_gb']:5.2f} GB", flush=True)
                 del x, c
             del model
         del tensors
     release_scratch()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if "expand" in n:
+        return "expand (ours)"
+    if "gemm" in n and "gemlite" not in n or any(k in n for k in ("nvjet", "cutlass", "sm90_xmma", "cublas")):
+        return "GEMM (cuBLAS)"
+    if any(k in n for k in ("flash", "fmha", "attention", "cudnn")):
+        return "attention (SDPA)"
+    if "gemlite" in n or "gemm" in n:
+        return "GEMM (gemlite)"
+    return "other (norms, RoPE, modulation, copies)"
+
+
+def bench_profile(dtype, impls, kind="ternary"):
+    """GPU time of one transformer step by kernel category (torch.profiler), eager."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bonsai import latents
+    from bonsai.backends.cuda.linear import release_scratch
+    from bonsai.backends.torch.transformer import load_transformer
+    from bonsai.config import KLEIN_4B
+
+    tensors = random_model_tensors(KLEIN_4B, kind)
+    rows = []
+    for impl in impls:
+        model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=linear_makers(dtype)[impl])
+        for hgt, wid in SIZES.values():
+            h, w = latents.latent_size(hgt, wid)
+            args = (torch.randn(1, h * w, 128, device="cuda", dtype=dtype),
+                    torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype),
+                    torch.full((1,), 0.5, device="cuda", dtype=dtype),
+                    latents.img_ids(h, w).cuda(), latents.txt_ids(TEXT_TOKENS).cuda())
+            with torch.inference_mode():
+                model(*args)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    model(*args)
+                    torch.cuda.synchronize()
+            cats: dict[str, float] = {}
+            for e in prof.key_averages():
+                us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+                if us and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                    cat = kernel_category(e.key)
+                    cats[cat] = cats.get(cat, 0.0) + us / 1e3
+            row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", gpu_ms=sum(cats.values()), **cats)
+            rows.append(row)
+            print("profile", row, flush=True)
+        del model
+        release_scratch()
+    del tensors
+    gc.collect()
     torch.cuda.empty_cache()
     return rows
 
@@ -229,7 +308,7 @@ def random_text_encoder(dtype):
     return load_text_encoder(config, state, device="cuda", dtype=dtype)
 
 
-def build_runtime(kind, impl, dtype, text_encoder):
+def build_runtime(kind, impl, dtype, text_encoder, mode="graphs"):
     """A CudaRuntime of the real 4B shapes (random weights built in memory, no files)."""
     from bonsai import testing
     from bonsai.backends.cuda.runtime import CudaRuntime
@@ -245,6 +324,7 @@ def build_runtime(kind, impl, dtype, text_encoder):
     rt = CudaRuntime(Path("."), transformer, vae, torch.device("cuda"), dtype, FEATURE_LAYERS, keep_text_encoder=True)
     rt._text_encoder = text_encoder
     rt.linear = impl
+    rt.configure(cuda_graphs="graphs" in mode, compile="compile" in mode)
     return rt
 
 
@@ -270,37 +350,39 @@ def render(rt, height, width, steps=4):
     return dict(encode_s=t1 - t0, denoise_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0), img
 
 
-def bench_e2e(dtype, impls, kinds, reps=5):
+def bench_e2e(dtype, impls, kinds, modes=("graphs",), reps=5):
     from bonsai.backends.cuda.linear import release_scratch
 
     rows = []
     te = random_text_encoder(dtype)
     te_gb = gb(torch.cuda.memory_allocated())
-    for kind in kinds:
-        for impl in impls:
-            release_scratch()
-            torch.cuda.empty_cache()
-            t0 = time.perf_counter()
-            rt = build_runtime(kind, impl, dtype, te)
-            build_s = time.perf_counter() - t0
-            for hgt, wid in SIZES.values():
-                first, _ = render(rt, hgt, wid)  # cold at this size: Triton JIT / gemlite autotune
-                runs = []
-                for _ in range(reps):
-                    release_scratch()
-                    torch.cuda.reset_peak_memory_stats()
-                    stages, img = render(rt, hgt, wid)
-                    stages["peak_gb"] = gb(torch.cuda.max_memory_allocated())
-                    runs.append(stages)
-                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", runs=reps, first_image_s=first["total_s"],
-                           build_s=build_s, text_encoder_gb=te_gb, **med)
-                rows.append(row)
-                print(f"e2e {kind:8s} {impl:10s} {row['size']:9s} first {first['total_s']:6.2f} s  warm median "
-                      f"{med['total_s'] * 1e3:7.1f} ms (encode {med['encode_s'] * 1e3:.1f}, denoise "
-                      f"{med['denoise_s'] * 1e3:.1f}, decode {med['decode_s'] * 1e3:.1f})  peak {med['peak_gb']:.2f} GB",
-                      flush=True)
-            del rt
+    # torch.compile is measured for our linears only (gemlite's custom op and dense are run as they come).
+    combos = [(k, i, m) for k in kinds for i in impls for m in modes if i == "ours" or "compile" not in m]
+    for kind, impl, mode in combos:
+        release_scratch()
+        gc.collect()
+        torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        rt = build_runtime(kind, impl, dtype, te, mode)
+        build_s = time.perf_counter() - t0
+        for hgt, wid in SIZES.values():
+            first, _ = render(rt, hgt, wid)  # cold at this size: Triton JIT / gemlite autotune
+            runs = []
+            for _ in range(reps):
+                release_scratch()
+                torch.cuda.reset_peak_memory_stats()
+                stages, img = render(rt, hgt, wid)
+                stages["peak_gb"] = gb(torch.cuda.max_memory_allocated())
+                runs.append(stages)
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            row = dict(kind=kind, impl=impl, mode=mode, size=f"{hgt}x{wid}", runs=reps, first_image_s=first["total_s"],
+                       build_s=build_s, text_encoder_gb=te_gb, **med)
+            rows.append(row)
+            print(f"e2e {kind:8s} {impl:8s} {mode:15s} {row['size']:9s} first {first['total_s']:6.2f} s  warm median "
+                  f"{med['total_s'] * 1e3:7.1f} ms (encode {med['encode_s'] * 1e3:.1f}, denoise "
+                  f"{med['denoise_s'] * 1e3:.1f}, decode {med['decode_s'] * 1e3:.1f})  peak {med['peak_gb']:.2f} GB",
+                  flush=True)
+        del rt
     del te
     release_scratch()
     torch.cuda.empty_cache()
@@ -338,20 +420,28 @@ def markdown(result) -> str:
                          f"{r['expand_ms'] * 1e3:.0f} us |")
     if result.get("steps"):
         lines += ["", "Full 4B transformer step (5 double + 20 single blocks, 512 text tokens, random weights):", "",
-                  "| kind | linears | size | step (median of 7) | first step | weights VRAM | steady VRAM | "
-                  "peak VRAM |", "|---|---|---|---|---|---|---|---|"]
+                  "| kind | linears | size | step eager (median of 7) | step CUDA graph | first step | weights VRAM | "
+                  "steady VRAM | peak VRAM |", "|---|---|---|---|---|---|---|---|---|"]
         for r in result["steps"]:
-            lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['first_step_s']:.2f} s "
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['graph_step_ms']:.1f} ms "
+                         f"| {r['first_step_s']:.2f} s "
                          f"| {r['weights_gb']:.2f} GB | {r['steady_gb']:.2f} GB | {r['peak_gb']:.2f} GB |")
     if result.get("e2e"):
         lines += ["", "End to end (encode 512 tokens + 4 steps + VAE decode; warm median of 5; text encoder Qwen3-4B "
                   "27 layers dense bf16, kept resident):", "",
-                  "| kind | linears | size | total | encode | denoise | decode | first image | peak VRAM |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| kind | linears | mode | size | total | encode | denoise | decode | first image | peak VRAM |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["e2e"]:
-            lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['total_s'] * 1e3:.0f} ms | "
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r['size']} | {r['total_s'] * 1e3:.0f} ms | "
                          f"{r['encode_s'] * 1e3:.1f} ms | {r['denoise_s'] * 1e3:.1f} ms | {r['decode_s'] * 1e3:.1f} ms | "
                          f"{r['first_image_s']:.2f} s | {r['peak_gb']:.2f} GB |")
+    if result.get("profile"):
+        cats = sorted({k for r in result["profile"] for k in r} - {"kind", "impl", "size", "gpu_ms"})
+        lines += ["", "GPU time of one eager step by kernel category (torch.profiler, ms):", "",
+                  "| kind | linears | size | GPU total | " + " | ".join(cats) + " |", "|---" * (4 + len(cats)) + "|"]
+        for r in result["profile"]:
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['gpu_ms']:.1f} | "
+                         + " | ".join(f"{r.get(c, 0.0):.1f}" for c in cats) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -363,7 +453,8 @@ def main(argv=None):
     p.add_argument("--step-kinds", default="ternary,binary")
     p.add_argument("--impls", default="ours,gemlite,dense_bf16")
     p.add_argument("--e2e-kinds", default="ternary,binary")
-    p.add_argument("--e2e-impls", default="ours,gemlite")
+    p.add_argument("--e2e-impls", default="ours,gemlite,dense_bf16")
+    p.add_argument("--e2e-modes", default="graphs,compile+graphs", help="comma list of eager | graphs | compile | compile+graphs")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -392,8 +483,15 @@ def main(argv=None):
     if "step" in sections:
         result["steps"] = bench_steps(dtype, impls, args.step_kinds.split(","))
         save()
+    if "profile" in sections:
+        try:
+            result["profile"] = bench_profile(dtype, [i for i in impls if i != "gemlite"])
+        except Exception as e:  # a profiler quirk must not cost the other sections
+            print(f"profile section failed: {type(e).__name__}: {e}", flush=True)
+        save()
     if "e2e" in sections:
-        result["e2e"] = bench_e2e(dtype, args.e2e_impls.split(","), args.e2e_kinds.split(","))
+        result["e2e"] = bench_e2e(dtype, args.e2e_impls.split(","), args.e2e_kinds.split(","),
+                                  args.e2e_modes.split(","))
         save()
     if tune_file is not None:
         glb.save_autotune(tune_file)

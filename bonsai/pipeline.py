@@ -19,6 +19,7 @@ from . import __version__, hub, latents, scheduler, sizes, weights
 from .backends import load_runtime, resolve
 from .config import SchedulerConfig
 from .prompt import load_tokenizer, tokenize
+from .sizes import check_size
 
 MAX_SEED = 2**32
 
@@ -115,6 +116,24 @@ class Pipeline:
     @property
     def backend(self) -> str:
         return self.runtime.name
+
+    def warmup(self, sizes=((1024, 1024),)) -> dict[tuple[int, int], float]:
+        """Compile, autotune and capture for these (width, height) sizes now, not in the first image.
+
+        Returns seconds per size. Backends without their own warm-up render one 1-step image per size.
+        """
+        for width, height in sizes:
+            check_size(width, height)
+        if hasattr(self.runtime, "warmup"):
+            with self._lock:
+                seconds = self.runtime.warmup([(h, w) for w, h in sizes])  # the runtime takes (height, width)
+            return {(w, h): s for (h, w), s in seconds.items()}
+        out = {}
+        for width, height in sizes:
+            t0 = time.perf_counter()
+            self("warm-up", width=width, height=height, steps=1, seed=0, progress=False)
+            out[(width, height)] = time.perf_counter() - t0
+        return out
 
     def __call__(self, prompt: str | list[str], width: int | None = None, height: int | None = None,
                  steps: int = 4, seed: int | list[int] | None = None, style: str | None = None,

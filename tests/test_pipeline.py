@@ -125,3 +125,10 @@ def test_pipeline_shared_between_threads(pipe):
     with ThreadPoolExecutor(2) as ex:
         a, b = ex.map(lambda s: pipe("a tree", width=32, height=32, seed=s, progress=False), [1, 1])
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
+def test_warmup_renders_each_size(pipe):
+    seconds = pipe.warmup([(64, 32), (32, 48)])
+    assert set(seconds) == {(64, 32), (32, 48)} and all(v > 0 for v in seconds.values())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pipe.warmup([(50, 32)])
