@@ -185,7 +185,7 @@ class GraphedForward:
         self.x, self.c = x.clone(), features.clone()
         self.t = torch.zeros(x.shape[0], device=device, dtype=x.dtype)
         self.img, self.txt = img_ids.clone(), txt_ids.clone()
-        self.rope = tuple(r.clone() for r in model.rope(img_ids, txt_ids, device))
+        self.rope = model.rope(img_ids, txt_ids, device).clone()
         with _static_rope(model, self.rope):
             # Eager warmup on a side stream first: Triton JIT, gemlite autotuning and the expand scratch all
             # allocate or synchronize, which a capture must not do.
@@ -206,8 +206,7 @@ class GraphedForward:
         if not (torch.equal(img_ids.cpu(), self.img.cpu()) and torch.equal(txt_ids.cpu(), self.txt.cpu())):
             self.img.copy_(img_ids)
             self.txt.copy_(txt_ids)
-            for dst, src in zip(self.rope, self.model.rope(img_ids, txt_ids, self.x.device)):
-                dst.copy_(src)
+            self.rope.copy_(self.model.rope(img_ids, txt_ids, self.x.device))
 
     def __call__(self, x, t) -> torch.Tensor:
         self.x.copy_(x)

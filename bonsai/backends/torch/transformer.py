@@ -32,7 +32,7 @@ def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Affine-free LayerNorm, then per-sample (1 + scale) and shift [B, 1, D]."""
-    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
 
 
 def split_mod(mod: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
@@ -40,17 +40,19 @@ def split_mod(mod: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     return mod.unsqueeze(1).chunk(n, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2j, 2j+1) of x [B, H, N, d] by angles given as cos/sin [N, d] (each angle repeated twice)."""
-    x1, x2 = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, H, N, d/2] each
-    rotated = torch.stack([-x2, x1], dim=-1).flatten(3)  # (x0, x1) -> (-x1, x0)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2j, 2j+1) of x [B, H, N, d] by the angles of freqs complex64 [N, d/2], in fp32.
+
+    Complex multiplication is the pair rotation (x0 cos - x1 sin, x1 cos + x0 sin) in one kernel.
+    """
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, H, N, d/2]
+    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """q, k, v [B, N, H, d] (already QK-normed) -> [B, N, H*d]; full non-causal attention, no mask."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q, k = apply_rope(q, freqs), apply_rope(k, freqs)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
 
@@ -157,10 +159,10 @@ class DoubleStreamBlock(nn.Module):
         attn_x, attn_c = self.attn(
             modulate(x, shift_msa, scale_msa, self.eps), modulate(c, c_shift_msa, c_scale_msa, self.eps), rope
         )
-        x = x + gate_msa * attn_x
-        x = x + gate_mlp * self.ff(modulate(x, shift_mlp, scale_mlp, self.eps))
-        c = c + c_gate_msa * attn_c
-        c = c + c_gate_mlp * self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp, self.eps))
+        x = torch.addcmul(x, gate_msa, attn_x)
+        x = torch.addcmul(x, gate_mlp, self.ff(modulate(x, shift_mlp, scale_mlp, self.eps)))
+        c = torch.addcmul(c, c_gate_msa, attn_c)
+        c = torch.addcmul(c, c_gate_mlp, self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp, self.eps)))
         return x, clip_fp16(c)
 
 
@@ -192,7 +194,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, h, mod, rope):
         shift, scale, gate = split_mod(mod, 3)
-        return clip_fp16(h + gate * self.attn(modulate(h, shift, scale, self.eps), rope))
+        return clip_fp16(torch.addcmul(h, gate, self.attn(modulate(h, shift, scale, self.eps), rope)))
 
 
 class NormOut(nn.Module):
@@ -226,11 +228,11 @@ class Flux2Transformer(nn.Module):
         self.norm_out = NormOut(dim, cfg.eps)
         self.proj_out = _linear(dim, cfg.out_dim)
 
-    def rope(self, img_ids: torch.Tensor, txt_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) float32 [N_txt + N_img, head_dim], text first like the sequence."""
+    def rope(self, img_ids: torch.Tensor, txt_ids: torch.Tensor, device) -> torch.Tensor:
+        """Rotation angles as complex64 [N_txt + N_img, head_dim / 2], text first like the sequence."""
         ids = torch.cat([txt_ids[0] if txt_ids.ndim == 3 else txt_ids, img_ids[0] if img_ids.ndim == 3 else img_ids])
-        cos, sin = rope_tables(ids, self.config.axes_dims_rope, self.config.rope_theta)
-        return cos.to(device), sin.to(device)
+        cos, sin = rope_tables(ids, self.config.axes_dims_rope, self.config.rope_theta)  # [N, d], pairs repeated
+        return torch.complex(cos[:, ::2], sin[:, ::2]).to(device)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids) -> torch.Tensor:
         x, c = hidden_states, encoder_hidden_states
