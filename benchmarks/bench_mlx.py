@@ -119,25 +119,26 @@ def bench_size(rt: MLXRuntime, size: int, steps: int, repeat: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    m = result["meta"]
-    lines = [f"# MLX backend benchmark ({m['device_label']})", "", f"- command: `{m['command']}`",
-             f"- device: `{m['device']}` ({m['machine']}, {m['system']}), mlx {m['mlx']}, dtype {m['dtype']}",
-             f"- model: {m['model']}", f"- steps: {m['steps']}, text tokens: {TEXT_TOKENS}, best of {m['repeat']}",
-             "- s/image = denoise + VAE decode (prompt encoding excluded); memory = mean of mx.get_active_memory() "
-             "sampled every 50 ms", "",
-             "| size | kind | weights MB | s/step | s/image | denoise mean active GB | GB*s (render) "
-             "| s/step vs dense | weights vs dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for size, rows in result["sizes"].items():
-        dense = rows.get("dense")
-        for kind, r in rows.items():
-            ratio = f"{r['s_per_step'] / dense['s_per_step']:.2f}x" if dense else "-"
-            wratio = f"{r['weight_mb'] / dense['weight_mb']:.2f}x" if dense else "-"
-            lines.append(f"| {size} | {kind} | {r['weight_mb']:.1f} | {r['s_per_step']:.3f} | {r['s_per_image']:.3f} "
-                         f"| {r['denoise_mean_active_gb']:.3f} | {r['gb_s']:.3f} | {ratio} | {wratio} |")
-    if m["device_label"].startswith("MLX-CPU"):
-        lines += ["", "CPU numbers: MLX-CPU's quantized_matmul is a portable fallback, while the dense path uses "
-                  "a BLAS sgemm, so the speed ratio here says nothing about Metal. The memory ratio carries over."]
+    """The same tables as benchmarks/bench_cuda.py writes, plus the MLX memory proxy."""
+    lines = [f"Command: `{result['command']}`  ",
+             f"Date: {result['date']}; {result['versions']['device']} ({result['versions']['machine']}); "
+             f"mlx {result['versions']['mlx']}, python {result['versions']['python']}; activations {result['dtype']}.",
+             f"Model: {result['model']}", "",
+             "Transformer step (random weights; dense = the same ternary model dequantized):", "",
+             "| kind | linears | size | step | weights | denoise mean active (50 ms samples) | peak |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["steps"]:
+        lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['weights_gb']:.3f} GB "
+                     f"| {r['denoise_mean_active_gb']:.3f} GB | {r['peak_gb']:.3f} GB |")
+    lines += ["", f"Image ({result['steps_per_image']} steps + VAE decode; prompt encoding not included):", "",
+              "| kind | linears | mode | size | total | encode | denoise | decode | mean active | GB*s | peak |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["e2e"]:
+        lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r['size']} | {1000 * r['total_s']:.0f} ms | - "
+                     f"| {1000 * r['denoise_s']:.0f} ms | {1000 * r['decode_s']:.0f} ms | {r['mean_active_gb']:.3f} GB "
+                     f"| {r['gb_s']:.2f} | {r['peak_gb']:.3f} GB |")
+    if "CPU" in result["versions"]["device"]:
+        lines += ["", "MLX-CPU numbers: only the ratios between rows mean anything; Metal speed needs a Mac."]
     return "\n".join(lines) + "\n"
 
 
@@ -154,20 +155,29 @@ def main(argv=None):
     p.add_argument("--md", help="write a markdown table here")
     args = p.parse_args(argv)
 
-    on_metal = mx.metal.is_available()
-    meta = {"command": "python " + " ".join(sys.argv), "device": str(mx.default_device()), "device_label": "MLX-Metal" if on_metal else "MLX-CPU (not Metal)",
-            "machine": platform.machine(), "system": platform.system(), "mlx": mx.__version__,
-            "dtype": dtype_name(args.dtype), "steps": args.steps, "repeat": args.repeat,
-            "model": args.model or ("synthetic small: " + repr(SMALL) if args.small else "synthetic klein-4B shapes")}
-    result = {"meta": meta, "sizes": {}}
+    dtype = dtype_name(args.dtype)
+    device = "MLX-Metal" if mx.metal.is_available() else "MLX-CPU (not Metal)"
+    result = {"command": "python " + " ".join(sys.argv),
+              "versions": {"mlx": mx.__version__, "python": platform.python_version(), "device": device,
+                           "machine": f"{platform.machine()} {platform.system()}"},
+              "dtype": dtype, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "model": args.model or ("synthetic small: " + repr(SMALL) if args.small else "synthetic klein-4B shapes"),
+              "steps_per_image": args.steps, "steps": [], "e2e": []}
     for kind in args.kinds:
         rt = build_runtime(args, kind)
-        wmb = weight_bytes(rt) / 1e6
+        weights_gb = weight_bytes(rt) / 1e9
+        # Rows keyed like bench_cuda.py: the dense model is the ternary one dequantized.
+        row_kind, impl = ("ternary", f"dense_{dtype}") if kind == "dense" else (kind, "ours")
         for size in args.sizes:
             r = bench_size(rt, size, args.steps, args.repeat)
-            r["weight_mb"] = wmb
-            result["sizes"].setdefault(str(size), {})[kind] = r
-            print(f"{size:5d} {kind:8s} weights {wmb:8.1f} MB  {r['s_per_step']:.3f} s/step  "
+            common = {"kind": row_kind, "impl": impl, "size": f"{size}x{size}"}
+            result["steps"].append({**common, "step_ms": 1000 * r["s_per_step"], "weights_gb": weights_gb,
+                                    "denoise_mean_active_gb": r["denoise_mean_active_gb"],
+                                    "denoise_gb_s": r["denoise_gb_s"], "peak_gb": r["peak_gb"]})
+            result["e2e"].append({**common, "mode": "eager", "runs": args.repeat, "denoise_s": r["denoise_s"],
+                                  "decode_s": r["decode_s"], "total_s": r["s_per_image"],
+                                  "mean_active_gb": r["mean_active_gb"], "gb_s": r["gb_s"], "peak_gb": r["peak_gb"]})
+            print(f"{size:5d} {kind:8s} weights {weights_gb:.3f} GB  {r['s_per_step']:.3f} s/step  "
                   f"{r['s_per_image']:.3f} s/image  denoise mean active {r['denoise_mean_active_gb']:.3f} GB", flush=True)
         del rt
         mx.clear_cache()
