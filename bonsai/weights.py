@@ -159,12 +159,9 @@ def _few(keys: list[str], n: int = 6) -> str:
     return "[]" if not keys else f"{keys[:n]}{f' (+{len(keys) - n} more)' if len(keys) > n else ''}"
 
 
-def read_quant_config(path: Path, required: bool = True) -> dict:
+def read_quant_config(path: Path) -> dict:
+    """A transformer folder's quantization_config.json, checked: bits 1 or 2, group_size 128, solver agrees."""
     file = path / "quantization_config.json"
-    if not file.is_file():
-        if required:
-            raise FileNotFoundError(f"missing {file}")
-        return {}
     q = read_json(file)
     bits = q.get("bits", q.get("nbits"))
     group = q.get("group_size", q.get("groupSize", GROUP_SIZE))

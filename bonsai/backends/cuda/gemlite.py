@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ...weights import GEMLITE_KEYS
+
 # gemlite metadata slots (core.GemLiteLinearTriton.get_meta_args)
 _META_NBITS, _META_INPUT, _META_OUTPUT, _META_META = 1, 5, 6, 8
-_GEMLITE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape")
 INSTALL_HINT = "pip install -e .[cuda]"
 
 
@@ -93,7 +94,7 @@ def from_state(state: dict, device="cuda", dtype: torch.dtype = torch.bfloat16, 
     input/output dtype slots of the metadata are set to `dtype`, since gemlite reads x in that dtype.
     """
     gemlite = import_gemlite()
-    missing = [k for k in _GEMLITE_KEYS if k not in state]
+    missing = [k for k in GEMLITE_KEYS if k not in state]
     if missing:
         raise ValueError(f"{name}: gemlite state is missing {missing}; got {sorted(state)}")
     meta = state["metadata"].to(torch.int32).flatten().clone()
@@ -163,12 +164,12 @@ def split_state(state: dict) -> dict:
     out = {}
     for key, value in state.items():
         prefix, _, leaf = key.rpartition(".")
-        if leaf in _GEMLITE_KEYS or (leaf == "bias" and prefix + ".W_q" in state) or leaf == "meta_scale":
+        if leaf in GEMLITE_KEYS or (leaf == "bias" and prefix + ".W_q" in state) or leaf == "meta_scale":
             groups.setdefault(prefix, {})[leaf] = value
         else:
             out[key] = value
     for prefix, group in groups.items():
-        missing = [k for k in _GEMLITE_KEYS if k not in group]
+        missing = [k for k in GEMLITE_KEYS if k not in group]
         if missing:
             raise ValueError(f"gemlite state for {prefix!r} is missing {missing}")
         out[prefix + ".weight"] = GemliteState(group)
