@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent(
     """
     import numpy as np, torch
     from bonsai.backends.cuda.kernels import expand_lowbit
+    from bonsai.quant import LowBitWeight
 
     def pack_np(q, bits):
         per = 8 // bits
@@ -26,10 +27,6 @@ SCRIPT = textwrap.dedent(
             out |= q[:, :, j] << (j * bits)
         return out
 
-    try:
-        from bonsai.quant.lowbit import LowBitWeight
-    except ImportError:
-        LowBitWeight = None
     rng = np.random.default_rng(0)
     checked = 0
     for kind, bits in (("ternary", 2), ("binary", 1)):
@@ -44,12 +41,11 @@ SCRIPT = textwrap.dedent(
                 # t is -1/0/+1: t * round(s) is exactly what any dequantizer must give.
                 want = t.astype(npdt) * np.repeat(s.astype(npdt), 128, axis=1)
                 assert np.array_equal(out.numpy(), want), (kind, n, k, dt)
-                if LowBitWeight is not None:
-                    lw = LowBitWeight.from_codes(torch.from_numpy(t.astype(np.int8)), torch.from_numpy(s), kind)
-                    assert torch.equal(lw.packed, packed), (kind, n, k)
-                    assert torch.equal(out, lw.dequantize(dt)), (kind, n, k, dt)
+                lw = LowBitWeight.from_codes(torch.from_numpy(t.astype(np.int8)), torch.from_numpy(s), kind)
+                assert torch.equal(lw.packed, packed), (kind, n, k)
+                assert torch.equal(out, lw.dequantize(dt)), (kind, n, k, dt)
                 checked += 1
-    print("OK", checked, "lowbit" if LowBitWeight is not None else "numpy-only")
+    print("OK", checked)
     """
 )
 
