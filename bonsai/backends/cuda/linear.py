@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ..torch.linear import LowBitLinear
 from .kernels import expand_lowbit
 
 # One scratch per (device, dtype), grown to the largest layer seen. Layers run one after another on one
@@ -68,19 +68,11 @@ def _register_op():
     return op
 
 
-class FastLowBitLinear(nn.Module):
-    """y = x @ W.T, W = codes * per-group scales, no bias. Built from a `LowBitWeight`; runs on CUDA."""
+class FastLowBitLinear(LowBitLinear):
+    """The torch backend's low-bit linear (same buffers), with the CUDA expand + cuBLAS forward."""
 
     def __init__(self, weight, device="cuda", dtype: torch.dtype | None = None):
-        super().__init__()
-        if weight.bits not in (1, 2):
-            raise ValueError(f"FastLowBitLinear supports bits 1 (binary) or 2 (ternary), got {weight.bits}")
-        self.out_features, self.in_features = (int(d) for d in weight.shape)
-        self.kind = weight.kind
-        self.bits = int(weight.bits)
-        self.group_size = int(weight.group_size)
-        self.register_buffer("packed", weight.packed.to(device=device, dtype=torch.uint8).contiguous())
-        self.register_buffer("scales", weight.scales.to(device=device, dtype=torch.float32).contiguous())
+        super().__init__(weight, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -89,9 +81,6 @@ class FastLowBitLinear(nn.Module):
             return lowbit_linear(x, self.packed, self.scales, self.bits, self.group_size, self.in_features)
         # Eager: skip the custom-op dispatch (a few us per call, 100 calls per step).
         return _lowbit_linear_impl(x, self.packed, self.scales, self.bits, self.group_size, self.in_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kind={self.kind}, group_size={self.group_size}"
 
 
 LINEARS = ("auto", "fast", "gemlite")
