@@ -1,7 +1,7 @@
 """Time the torch reference backend: a whole 4-step render of a tiny repo, and the denoise loop of the tiny and
 the real-width transformer with random low-bit weights.
 
-    python benchmarks/bench_torch.py --configs tiny,klein-4b --size 128 --steps 1 --out benchmarks/results/torch-cpu.json
+    python benchmarks/bench_torch.py --configs tiny,klein-4b --size 128 --steps 4 --out benchmarks/results/torch-cpu.json
 
 Weights are random packed ternary/binary codes (`bonsai.testing`), held packed as the backend holds them (a dense
 fp32 copy of the real-width model would be 15 GB), so this measures speed and memory only. Text features for the
