@@ -2,8 +2,9 @@
 
     python benchmarks/bench_cuda.py --out benchmarks/results/h100
 
-Per linear (every FLUX.2 klein 4B shape x M tokens): ours (Triton expand + cuBLAS), gemlite with 8-bit packing
-(the released layout, loaded as stored), dense cuBLAS bf16. Per step: the full 4B transformer (5 double + 20
+Per linear (every FLUX.2 klein 4B shape x M tokens): our GEMMs (Triton expand + cuBLAS, our fused Triton GEMM,
+the per-shape "auto" pick, fp8 activations), gemlite with 8-bit packing (the released layout, loaded as stored),
+dense cuBLAS bf16. Per step: the full 4B transformer (5 double + 20
 single blocks, random weights built in memory) with each linear kind at 512^2 and 1024^2, eager and as one CUDA
 graph, with weights / steady / peak VRAM; a torch.profiler breakdown by kernel category. End to end: encode
 (random Qwen3-4B, 27 layers) + 4 steps + VAE decode, warm median of 5 and the first image. Writes OUT.json and
@@ -83,42 +84,56 @@ def tflops(m, k, n, ms):
 
 
 def bench_linears(dtype, with_gemlite, kinds):
-    from bonsai.backends.cuda.linear import FastLowBitLinear
+    """Every FLUX shape x M: dense cuBLAS, each of our GEMMs (best Triton config per shape), what linear="auto"
+    picked, fp8 activations, gemlite; fp8's error is against the bf16 output on the same input."""
+    from bonsai.backends.cuda import choice
+    from bonsai.backends.cuda.kernels import expand_lowbit, quantize_fp8
+    from bonsai.backends.cuda.linear import FastLowBitLinear, _run, candidates
 
     gen = torch.Generator("cuda").manual_seed(0)
     rows = []
     for kind in kinds:
         for name, k, n in FLUX_SHAPES:
             w = random_lowbit(n, k, kind, gen)
-            ours = FastLowBitLinear(w)
+            auto, auto8 = FastLowBitLinear(w), FastLowBitLinear(w, activations="fp8")
             wd = dense_weight(w, dtype)
             gl = gemlite_released(w, dtype=dtype) if with_gemlite else None
             scratch = torch.empty(n, k, device="cuda", dtype=dtype)
-            from bonsai.backends.cuda.kernels import expand_lowbit
-
             expand_ms = bench_ms(lambda: expand_lowbit(w.packed, w.scales, w.bits, 128, k, scratch))
             for m in MS:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
-                t_dense = bench_ms(lambda: F.linear(x, wd))
-                t_ours = bench_ms(lambda: ours(x))
-                t_gl = None
+                x8 = quantize_fp8(x)
+                run = {c: (lambda c=c, x8=None: _run(c, x, w.packed, w.scales, w.bits, 128, k, x8))
+                       for c in candidates("auto", False, m)}
+                t = {c: bench_ms(fn) for c, fn in run.items()}
+                t8 = {c: bench_ms(lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, x8))
+                      for c in candidates("auto", True, m)}
+                fused = min((c for c in t if c.startswith("fused")), key=t.get)
+                best8 = min(t8, key=t8.get)
+                auto(x)  # measures and records the choice for this M
+                auto8(x)
+                picked = choice.get(choice.key(str(dtype).removeprefix("torch."), w.bits, n, k, m))
+                ref = F.linear(x, wd).float()
+                err8 = ((auto8(x).float() - ref).norm() / ref.norm()).item()
+                row = dict(kind=kind, linear=name, K=k, N=n, M=m, dense_ms=bench_ms(lambda: F.linear(x, wd)),
+                           expand_cublas_ms=t["cublas"], fused_ms=t[fused], fused_config=fused,
+                           auto_ms=bench_ms(lambda: auto(x)), auto_choice=picked,
+                           fp8_ms=bench_ms(lambda: auto8(x)), fp8_choice=best8, fp8_rel_err=err8,
+                           quantize_fp8_ms=bench_ms(lambda: quantize_fp8(x)), expand_ms=expand_ms, gemlite_ms=None)
                 if gl is not None:
                     t0 = time.perf_counter()
                     gl(x)  # first call autotunes this (M bucket, N, K)
                     torch.cuda.synchronize()
-                    tune_s = time.perf_counter() - t0
-                    t_gl = bench_ms(lambda: gl(x))
-                row = dict(kind=kind, linear=name, K=k, N=n, M=m, dense_ms=t_dense, ours_ms=t_ours, gemlite_ms=t_gl,
-                           expand_ms=expand_ms, dense_tflops=tflops(m, k, n, t_dense),
-                           ours_tflops=tflops(m, k, n, t_ours),
-                           gemlite_tflops=tflops(m, k, n, t_gl) if t_gl else None,
-                           gemlite_first_call_s=tune_s if gl is not None else None)
+                    row["gemlite_first_call_s"] = time.perf_counter() - t0
+                    row["gemlite_ms"] = bench_ms(lambda: gl(x))
+                for impl in ("dense", "expand_cublas", "fused", "auto", "fp8", "gemlite"):
+                    ms = row[f"{impl}_ms"]
+                    row[f"{impl}_tflops"] = tflops(m, k, n, ms) if ms else None
                 rows.append(row)
-                print(f"{kind:8s} {k:5d}->{n:5d} M={m:5d}  dense {row['dense_tflops']:7.1f}  ours "
-                      f"{row['ours_tflops']:7.1f}  gemlite {row['gemlite_tflops'] or float('nan'):7.1f} TFLOP/s"
-                      f"  (expand {expand_ms * 1e3:.0f} us)", flush=True)
-            del w, ours, wd, gl, scratch
-            torch.cuda.empty_cache()
+                print(f"{kind:8s} {k:5d}->{n:5d} M={m:5d}  TFLOP/s dense {row['dense_tflops']:6.1f}  expand+cuBLAS "
+                      f"{row['expand_cublas_tflops']:6.1f}  fused {row['fused_tflops']:6.1f}  auto {row['auto_tflops']:6.1f}"
+                      f" ({picked})  fp8 {row['fp8_tflops']:6.1f} ({best8}, err {err8:.2e})  gemlite "
+                      f"{row['gemlite_tflops'] or float('nan'):6.1f}", flush=True)
     return rows
 
 
@@ -142,12 +157,14 @@ def random_model_tensors(cfg, kind, seed=0):
 
 
 def linear_makers(dtype):
-    from bonsai.backends.cuda.linear import FastLowBitLinear
+    from bonsai.backends.cuda.linear import make_linear_factory
 
     def dense(w, device="cuda", dtype=dtype):
         return dense_linear(w.to(device), device=device, dtype=dtype)
 
-    return {"ours": FastLowBitLinear, "gemlite": gemlite_released, "dense_bf16": dense}
+    return {"ours": make_linear_factory("auto"), "ours_expand": make_linear_factory("expand"),
+            "ours_fused": make_linear_factory("fused"), "ours_fp8": make_linear_factory("auto", "fp8"),
+            "gemlite": gemlite_released, "dense_bf16": dense}
 
 
 def gb(nbytes) -> float:
@@ -182,6 +199,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
     rows = []
     for kind in kinds:
         tensors = random_model_tensors(KLEIN_4B, kind)
+        first_out = {}  # the first impl's output per size: every row reports its error against it
         for impl in impls:
             release_scratch()
             gc.collect()  # the previous model may sit in a reference cycle
@@ -192,8 +210,9 @@ def bench_steps(dtype, impls, kinds, reps=7):
             resident = torch.cuda.memory_allocated() - base
             for hgt, wid in SIZES.values():
                 h, w = latents.latent_size(hgt, wid)
-                x = torch.randn(1, h * w, 128, device="cuda", dtype=dtype)
-                c = torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype)
+                gen = torch.Generator("cuda").manual_seed(hgt)  # same inputs for every impl
+                x = torch.randn(1, h * w, 128, device="cuda", dtype=dtype, generator=gen)
+                c = torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype, generator=gen)
                 t = torch.full((1,), 0.5, device="cuda", dtype=dtype)
                 img, txt = latents.img_ids(h, w).cuda(), latents.txt_ids(TEXT_TOKENS).cuda()
                 release_scratch()  # so the scratch allocation shows in this size's peak
@@ -204,19 +223,23 @@ def bench_steps(dtype, impls, kinds, reps=7):
                     for _ in range(reps + 1):
                         torch.cuda.synchronize()
                         t0 = time.perf_counter()
-                        model(x, c, t, img, txt)
+                        out = model(x, c, t, img, txt)
                         torch.cuda.synchronize()
                         times.append(time.perf_counter() - t0)
+                ref = first_out.setdefault((hgt, wid), (impl, out.float()))
+                rel = ((out.float() - ref[1]).norm() / ref[1].norm()).item()
+                del out
                 # steady: what stays allocated between steps (weights + scratch); peak: inside a step.
                 steady, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
                 graph_ms = graphed_step_ms(model, (x, c, t, img, txt), reps)
                 row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", first_step_s=times[0],
                            step_ms=statistics.median(times[1:]) * 1e3, graph_step_ms=graph_ms, steps_measured=reps,
-                           weights_gb=gb(resident), steady_gb=gb(steady), peak_gb=gb(peak))
+                           weights_gb=gb(resident), steady_gb=gb(steady), peak_gb=gb(peak), rel_err_vs=ref[0],
+                           rel_err=rel)
                 rows.append(row)
                 print(f"step {kind:8s} {impl:10s} {row['size']:9s} first {times[0]:6.2f} s  median "
                       f"{row['step_ms']:7.1f} ms  graphed {graph_ms:7.1f} ms  weights {row['weights_gb']:5.2f} GB  steady {row['steady_gb']:5.2f}"
-                      f" GB  peak {row['peak_gb']:5.2f} GB", flush=True)
+                      f" GB  peak {row['peak_gb']:5.2f} GB  rel err vs {ref[0]} {rel:.2e}", flush=True)
                 del x, c
             del model
         del tensors
@@ -285,11 +308,14 @@ QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num
                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)
 
 
-def random_text_encoder(dtype):
-    """Qwen3-4B cut to the 27 layers the features need, random bf16 weights made on the GPU."""
+def random_text_encoder(dtype, text_encoder="dense"):
+    """Qwen3-4B cut to the 27 layers the features need, random weights made on the GPU: dense bf16, or "4bit"
+    (the HQQ pack's form, kept 4-bit by CudaRuntime: g64 codes, fp16 scale/zero)."""
     import transformers
 
+    from bonsai.backends.cuda.linear import FastInt4Linear
     from bonsai.backends.torch.text_encoder import load_text_encoder
+    from bonsai.quant.qwen4bit import Int4Weight
     from bonsai.prompt import FEATURE_LAYERS
     from bonsai.weights import qwen3_config
 
@@ -300,12 +326,17 @@ def random_text_encoder(dtype):
     state = {}
     for key, meta in model.state_dict().items():
         shape = tuple(meta.shape)
-        if len(shape) == 2:
+        if len(shape) == 2 and text_encoder == "4bit" and key.startswith("layers."):
+            out_f, in_f = shape
+            t = Int4Weight(torch.randint(0, 256, (out_f, in_f // 2), generator=gen, device="cuda", dtype=torch.uint8),
+                           (torch.rand(out_f, in_f // 64, generator=gen, device="cuda") / 8 / math.sqrt(in_f)).half(),
+                           torch.full((out_f, in_f // 64), 7.5, device="cuda", dtype=torch.float16), 64)
+        elif len(shape) == 2:
             t = torch.randn(shape, generator=gen, device="cuda", dtype=dtype) / math.sqrt(shape[1])
         else:
             t = torch.ones(shape, device="cuda", dtype=dtype)
         state["model." + key] = t
-    return load_text_encoder(config, state, device="cuda", dtype=dtype)
+    return load_text_encoder(config, state, device="cuda", dtype=dtype, make_linear=FastInt4Linear)
 
 
 def build_runtime(kind, impl, dtype, text_encoder, mode="graphs"):
@@ -350,18 +381,25 @@ def render(rt, height, width, steps=4):
     return dict(encode_s=t1 - t0, denoise_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0), img
 
 
-def bench_e2e(dtype, impls, kinds, modes=("graphs",), reps=5):
+def bench_e2e(dtype, impls, kinds, modes=("graphs",), text_encoders=("4bit", "dense"), reps=5):
     from bonsai.backends.cuda.linear import release_scratch
 
     rows = []
-    te = random_text_encoder(dtype)
-    te_gb = gb(torch.cuda.memory_allocated())
-    # torch.compile is measured for our linears only (gemlite's custom op and dense are run as they come).
-    combos = [(k, i, m) for k in kinds for i in impls for m in modes if i == "ours" or "compile" not in m]
-    for kind, impl, mode in combos:
+    # torch.compile and the 4-bit text encoder are measured with our linears only; the others run as they come.
+    combos = [(k, i, m, te) for k in kinds for i in impls for m in modes for te in text_encoders
+              if i.startswith("ours") or ("compile" not in m and te == "dense")]
+    te_name = te = None
+    for kind, impl, mode, te_kind in combos:
         release_scratch()
         gc.collect()
         torch.cuda.empty_cache()
+        if te_kind != te_name:
+            te = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            te, te_name = random_text_encoder(dtype, te_kind), te_kind
+            te_gb = gb(torch.cuda.memory_allocated() - base)
         t0 = time.perf_counter()
         rt = build_runtime(kind, impl, dtype, te, mode)
         build_s = time.perf_counter() - t0
@@ -375,10 +413,10 @@ def bench_e2e(dtype, impls, kinds, modes=("graphs",), reps=5):
                 stages["peak_gb"] = gb(torch.cuda.max_memory_allocated())
                 runs.append(stages)
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            row = dict(kind=kind, impl=impl, mode=mode, size=f"{hgt}x{wid}", runs=reps, first_image_s=first["total_s"],
-                       build_s=build_s, text_encoder_gb=te_gb, **med)
+            row = dict(kind=kind, impl=impl, mode=mode, text_encoder=te_kind, size=f"{hgt}x{wid}", runs=reps,
+                       first_image_s=first["total_s"], build_s=build_s, text_encoder_gb=te_gb, **med)
             rows.append(row)
-            print(f"e2e {kind:8s} {impl:8s} {mode:15s} {row['size']:9s} first {first['total_s']:6.2f} s  warm median "
+            print(f"e2e {kind:8s} {impl:8s} {mode:15s} TE {te_kind:5s} {row['size']:9s} first {first['total_s']:6.2f} s  warm median "
                   f"{med['total_s'] * 1e3:7.1f} ms (encode {med['encode_s'] * 1e3:.1f}, denoise "
                   f"{med['denoise_s'] * 1e3:.1f}, decode {med['decode_s'] * 1e3:.1f})  peak {med['peak_gb']:.2f} GB",
                   flush=True)
@@ -409,32 +447,40 @@ def markdown(result) -> str:
              f"{v['cuda']}), triton {v['triton']}, gemlite {v['gemlite']}, python {v['python']}; activations "
              f"{result['dtype']}.", ""]
     if result.get("linears"):
-        lines += ["Per linear (median of triton.testing.do_bench; ours = Triton expand to a bf16 scratch + cuBLAS; "
-                  "gemlite = released layout, 8-bit packing):", "",
-                  "| kind | linear (K->N) | M | ours TFLOP/s | gemlite TFLOP/s | dense bf16 TFLOP/s | ours/dense | "
-                  "expand |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["Per linear, TFLOP/s (median of triton.testing.do_bench). expand+cuBLAS: Triton expand to a bf16 "
+                  "scratch, then cuBLAS; fused: our Triton GEMM unpacking in the K loop (best config); auto: what "
+                  "`linear=\"auto\"` measured and picked; fp8: e4m3 activations per token and 128-group (best of our "
+                  "fp8 GEMMs, quantization included), its rel. error against the bf16 dense output; gemlite: released "
+                  "layout, 8-bit packing.", "",
+                  "| kind | linear (K->N) | M | dense bf16 | expand+cuBLAS | fused | auto (pick) | auto/dense | fp8 "
+                  "| fp8 err | gemlite |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["linears"]:
             g = f"{r['gemlite_tflops']:.0f}" if r["gemlite_tflops"] else "-"
-            lines.append(f"| {r['kind']} | {r['linear']} {r['K']}->{r['N']} | {r['M']} | {r['ours_tflops']:.0f} | {g} "
-                         f"| {r['dense_tflops']:.0f} | {r['ours_tflops'] / r['dense_tflops']:.2f} | "
-                         f"{r['expand_ms'] * 1e3:.0f} us |")
+            pick = r["auto_choice"].split("/")[0] if r["auto_choice"] else "-"
+            lines.append(f"| {r['kind']} | {r['linear']} {r['K']}->{r['N']} | {r['M']} | {r['dense_tflops']:.0f} | "
+                         f"{r['expand_cublas_tflops']:.0f} | {r['fused_tflops']:.0f} | {r['auto_tflops']:.0f} ({pick}) | "
+                         f"{r['auto_tflops'] / r['dense_tflops']:.2f} | {r['fp8_tflops']:.0f} | {r['fp8_rel_err']:.1e} | "
+                         f"{g} |")
     if result.get("steps"):
         lines += ["", "Full 4B transformer step (5 double + 20 single blocks, 512 text tokens, random weights):", "",
                   "| kind | linears | size | step eager (median of 7) | step CUDA graph | first step | weights VRAM | "
-                  "steady VRAM | peak VRAM |", "|---|---|---|---|---|---|---|---|---|"]
+                  "steady VRAM | peak VRAM | rel. error of the output |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["steps"]:
+            err = f"{r['rel_err']:.1e} vs {r['rel_err_vs']}" if r.get("rel_err_vs", r["impl"]) != r["impl"] else "-"
             lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['graph_step_ms']:.1f} ms "
                          f"| {r['first_step_s']:.2f} s "
-                         f"| {r['weights_gb']:.2f} GB | {r['steady_gb']:.2f} GB | {r['peak_gb']:.2f} GB |")
+                         f"| {r['weights_gb']:.2f} GB | {r['steady_gb']:.2f} GB | {r['peak_gb']:.2f} GB | {err} |")
     if result.get("e2e"):
         lines += ["", "End to end (encode 512 tokens + 4 steps + VAE decode; warm median of 5; text encoder Qwen3-4B "
-                  "27 layers dense bf16, kept resident):", "",
-                  "| kind | linears | mode | size | total | encode | denoise | decode | first image | peak VRAM |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "27 layers, dense bf16 or 4-bit (HQQ g64, expanded per layer), kept resident, its VRAM in "
+                  "the last column):", "",
+                  "| kind | linears | mode | text encoder | size | total | encode | denoise | decode | first image "
+                  "| peak VRAM | TE VRAM |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["e2e"]:
-            lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r['size']} | {r['total_s'] * 1e3:.0f} ms | "
+            lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r.get('text_encoder', 'dense')} | {r['size']} "
+                         f"| {r['total_s'] * 1e3:.0f} ms | "
                          f"{r['encode_s'] * 1e3:.1f} ms | {r['denoise_s'] * 1e3:.1f} ms | {r['decode_s'] * 1e3:.1f} ms | "
-                         f"{r['first_image_s']:.2f} s | {r['peak_gb']:.2f} GB |")
+                         f"{r['first_image_s']:.2f} s | {r['peak_gb']:.2f} GB | {r['text_encoder_gb']:.2f} GB |")
     if result.get("profile"):
         cats = sorted({k for r in result["profile"] for k in r} - {"kind", "impl", "size", "gpu_ms"})
         lines += ["", "GPU time of one eager step by kernel category (torch.profiler, ms):", "",
@@ -451,10 +497,12 @@ def main(argv=None):
     p.add_argument("--sections", default="linear,step,e2e")
     p.add_argument("--linear-kinds", default="ternary")
     p.add_argument("--step-kinds", default="ternary,binary")
-    p.add_argument("--impls", default="ours,gemlite,dense_bf16")
+    p.add_argument("--impls", default="ours,ours_fp8,gemlite,dense_bf16",
+                   help="ours (linear=auto), ours_expand, ours_fused, ours_fp8, gemlite, dense_bf16")
     p.add_argument("--e2e-kinds", default="ternary,binary")
     p.add_argument("--e2e-impls", default="ours,gemlite,dense_bf16")
     p.add_argument("--e2e-modes", default="graphs,compile+graphs", help="comma list of eager | graphs | compile | compile+graphs")
+    p.add_argument("--e2e-text-encoders", default="4bit,dense", help="4bit (HQQ, kept 4-bit) | dense (bf16)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -491,7 +539,7 @@ def main(argv=None):
         save()
     if "e2e" in sections:
         result["e2e"] = bench_e2e(dtype, args.e2e_impls.split(","), args.e2e_kinds.split(","),
-                                  args.e2e_modes.split(","))
+                                  args.e2e_modes.split(","), args.e2e_text_encoders.split(","))
         save()
     if tune_file is not None:
         glb.save_autotune(tune_file)

@@ -131,13 +131,18 @@ def hqq_linear_state(w: torch.Tensor, group_size: int = HQQ_GROUP) -> dict:
 
 
 def write_hqq_text_encoder(folder: Path, config, state: dict) -> Path:
-    """text_encoder-hqq-4bit/{qmodel.pt, config.json}: 4-bit g64 linears, fp16 embedding and norms."""
+    """text_encoder-hqq-4bit/{qmodel.pt, config.json}: 4-bit g64 linears, fp16 embedding and norms.
+
+    A linear's value may already be its serialized HQQ dict (`hqq_linear_state`'s form), written as is."""
     out = folder / weights.TEXT_ENCODER_DIRS["hqq"]
     out.mkdir(parents=True, exist_ok=True)
     qmodel = {}
     for key, t in state.items():
         leaf = key.removesuffix(".weight")
-        qmodel[leaf] = hqq_linear_state(t) if _is_linear(key) else {"weight": t.half()}
+        if _is_linear(key):
+            qmodel[leaf] = t if isinstance(t, dict) else hqq_linear_state(t)
+        else:
+            qmodel[leaf] = {"weight": t.half()}
     # hqq serializes every leaf; the tied lm_head shares the embedding's storage, so torch.save stores it once.
     qmodel["lm_head"] = {"weight": qmodel["model.embed_tokens"]["weight"]}
     torch.save(qmodel, out / "qmodel.pt")

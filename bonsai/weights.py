@@ -351,10 +351,12 @@ def find_text_encoder(folder: str | Path) -> tuple[str, Path]:
                             f"{', '.join(d + '/config.json' for d in TEXT_ENCODER_DIRS.values())})")
 
 
-def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torch.dtype = torch.float32):
+def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torch.dtype = torch.float32,
+                      packed: bool = False):
     """-> (transformers Qwen3Config, dense Qwen3ForCausalLM state dict) from any released text-encoder folder.
 
     layers: keep only decoder layers [0, layers) (the features need 27 of 36); the config says so too.
+    packed: the HQQ pack's linears stay `Int4Weight` (the other formats are always dense).
     """
     fmt, path = find_text_encoder(folder)
     cfg = read_json(path / "config.json")
@@ -366,7 +368,7 @@ def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torc
         raise ValueError(f"{path}/config.json has {n_total} layers, cannot keep {n}")
     keep = lambda key: not key.startswith("model.layers.") or int(key.split(".")[2]) < n  # noqa: E731
     if fmt == "hqq":
-        state = hqq_to_dense(load_torch_file(path / "qmodel.pt"), dtype, keep)
+        state = hqq_to_dense(load_torch_file(path / "qmodel.pt"), dtype, keep, packed=packed)
     elif fmt == "mlx":
         if not quant or quant.get("bits") != 4:
             raise ValueError(f"{path}/config.json: expected \"quantization\": {{\"bits\": 4, ...}}, got {quant}")

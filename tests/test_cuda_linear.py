@@ -67,19 +67,70 @@ def gemlite_tuned():
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
 @pytest.mark.parametrize("in_f,out_f", FLUX_SHAPES)
 def test_fast_path_flux_shapes(weights, kind, in_f, out_f):
+    """Every GEMM the fast path may pick (expand + cuBLAS, each fused Triton config), and the measured "auto"."""
+    from bonsai.backends.cuda import choice
     from bonsai.backends.cuda import linear as cl
 
     w, codes, scales = weights(in_f, out_f, kind)
-    layer = cl.FastLowBitLinear(w, device="cuda")
+    layer = cl.FastLowBitLinear(w, device="cuda", linear="auto")
     for dtype in (torch.bfloat16, torch.float16):
         for m in MS:
             x = torch.randn(m, in_f, device="cuda").to(dtype)
-            cl.scratch(in_f * out_f, "cuda", dtype).fill_(float("nan"))
+            ref = reference(x, codes, scales, dtype)
+            for impl in cl.candidates("auto", False, m):
+                cl.scratch(in_f * out_f, "cuda", dtype).fill_(float("nan"))
+                poison(m * out_f, dtype)
+                y = cl._run(impl, x, layer.packed, layer.scales, layer.bits, 128, in_f)
+                assert y.dtype == dtype and y.shape == (m, out_f)
+                assert torch.isfinite(y).all(), impl
+                assert rel(y, ref) < 3e-3, (impl, dtype, m)
             poison(m * out_f, dtype)
-            y = layer(x)
-            assert y.dtype == dtype and y.shape == (m, out_f)
-            assert torch.isfinite(y).all()
-            assert rel(y, reference(x, codes, scales, dtype)) < 3e-3, (dtype, m)
+            y = layer(x.view(1, m, in_f))  # leading dims are kept
+            assert y.shape == (1, m, out_f) and rel(y.view(m, out_f), ref) < 3e-3, (dtype, m)
+            picked = choice.get(choice.key(str(dtype).removeprefix("torch."), layer.bits, out_f, in_f, m))
+            assert picked in cl.candidates("auto", False, m)
+
+
+def fp8_reference(x):
+    """Per (token, 128-group) e4m3 quantization done in torch: the rule quantize_fp8 must follow."""
+    xg = x.float().view(x.shape[0], -1, 128)
+    amax = xg.abs().amax(-1, keepdim=True)
+    s = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    q = (xg / s).to(torch.float8_e4m3fn)
+    return q.view(x.shape), s.squeeze(-1), (q.float() * s).view(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["ternary", "binary"])
+@pytest.mark.parametrize("in_f,out_f", FLUX_SHAPES)
+def test_fp8_path_flux_shapes(weights, kind, in_f, out_f):
+    """fp8 activations: the kernels equal the matmul of the torch-quantized input (exact weights); the error
+    against the unquantized input is printed (it is the price of fp8, not a kernel error)."""
+    from bonsai.backends.cuda import linear as cl
+    from bonsai.backends.cuda.kernels import quantize_fp8
+
+    w, codes, scales = weights(in_f, out_f, kind)
+    layer = cl.FastLowBitLinear(w, device="cuda", linear="auto", activations="fp8")
+    dtype = torch.bfloat16
+    errs = []
+    for m in MS:
+        x = torch.randn(m, in_f, device="cuda").to(dtype)
+        q_ref, s_ref, xq = fp8_reference(x)
+        q, s = quantize_fp8(x)
+        assert torch.equal(s, s_ref)
+        # x / s may differ by an fp32 ulp from torch's division, which can move a value across an e4m3 tie.
+        differ = (q.float() != q_ref.float()).float().mean().item()
+        assert differ < 1e-3, differ
+        ref = reference(xq, codes, scales, torch.float32)
+        for impl in cl.candidates("auto", True, m):
+            cl.scratch(in_f * out_f, "cuda", torch.float8_e4m3fn).view(torch.uint8).fill_(0x7F)  # e4m3 NaN
+            poison(m * out_f, dtype)
+            y = cl._run(impl, x, layer.packed, layer.scales, layer.bits, 128, in_f, x8=(q_ref, s_ref))
+            assert y.dtype == dtype and torch.isfinite(y).all(), impl
+            assert rel(y, ref) < 3e-3, (impl, m)
+        y = layer(x)
+        errs.append(rel(y, reference(x, codes, scales, dtype)))
+        assert errs[-1] < 0.1, (m, errs[-1])
+    print(f"fp8 {kind} {in_f}->{out_f}: rel err vs bf16 input per M {dict(zip(MS, (round(e, 4) for e in errs)))}")
 
 
 @pytest.mark.parametrize("kind", ["ternary", "binary"])

@@ -78,7 +78,7 @@ def gemlite_autotune_cache():
 
 
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
-@pytest.mark.parametrize("linear", ["fast", "gemlite", "gemlite_released"])
+@pytest.mark.parametrize("linear", ["auto", "expand", "fused", "gemlite", "gemlite_released"])
 @pytest.mark.parametrize("size", ["tiny", "real_width"])
 def test_cuda_transformer_matches_torch_backend(kind, linear, size):
     if linear.startswith("gemlite"):
@@ -109,11 +109,29 @@ def test_cuda_transformer_matches_torch_backend(kind, linear, size):
     assert err < 1e-2, err
 
 
-def test_make_linear_factory_rejects_unknown():
+@pytest.mark.parametrize("kind", ["ternary", "binary"])
+def test_cuda_transformer_fp8_activations(kind):
+    """fp8 activations are an approximation: the error against the bf16 torch backend is reported, and bounded
+    loosely so that a broken scale or layout (errors of order 1) fails."""
     from bonsai.backends.cuda.linear import make_linear_factory
+    from bonsai.backends.torch.linear import LowBitLinear
+    from bonsai.backends.torch.transformer import load_transformer
+    from bonsai.config import TransformerConfig
 
-    with pytest.raises(ValueError, match="linear must be one of"):
-        make_linear_factory("marlin")
+    cfg = TransformerConfig(**REAL_WIDTH_FEW_LAYERS)
+    tensors = random_tensors(cfg, kind)
+    args = inputs(cfg, h=32, w=32, n_txt=512)
+    dtype = torch.bfloat16
+    ref = run(load_transformer(tensors, cfg, device="cuda", dtype=dtype, make_linear=LowBitLinear), args, dtype)
+    errs = {}
+    for linear in ("expand", "fused"):
+        model = load_transformer(tensors, cfg, device="cuda", dtype=dtype,
+                                 make_linear=make_linear_factory(linear, activations="fp8"))
+        y = run(model, args, dtype)
+        assert torch.isfinite(y).all()
+        errs[linear] = ((y - ref).norm() / ref.norm()).item()
+    print(f"fp8 activations, {kind}, 3 real-width blocks: rel err vs bf16 torch backend {errs}")
+    assert max(errs.values()) < 0.1, errs
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +141,7 @@ def gemlite_repo(tmp_path_factory):
     return testing.write_repo(tmp_path_factory.mktemp("repo") / "ternary-gemlite", "gemlite", "ternary")
 
 
-@pytest.mark.parametrize("linear", ["fast", "gemlite"])
+@pytest.mark.parametrize("linear", ["auto", "gemlite"])
 def test_pipeline_renders_gemlite_repo_on_cuda(gemlite_repo, linear):
     if linear == "gemlite":
         pytest.importorskip("gemlite")
@@ -146,3 +164,26 @@ def test_pipeline_renders_gemlite_repo_on_cuda(gemlite_repo, linear):
     ref = np.asarray(ref_pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
     assert got.shape == (64, 64, 3) and got.std() > 1.0
     assert np.abs(got - ref).mean() < 3.0, np.abs(got - ref).mean()
+
+
+def test_cuda_text_encoder_4bit_matches_dense(gemlite_repo):
+    """The HQQ text encoder kept 4-bit (expanded per layer) gives the features of the dequantized bf16 one."""
+    from bonsai.backends.cuda.linear import FastInt4Linear
+    from bonsai.backends.cuda.runtime import CudaRuntime
+
+    feats = {}
+    for te in ("4bit", "dense"):
+        rt = CudaRuntime.load(gemlite_repo, linear="expand", text_encoder=te, keep_text_encoder=True)
+        model = rt._load_text_encoder()
+        assert isinstance(model.layers[0].mlp.up_proj, FastInt4Linear) == (te == "4bit")
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 40:] = 0
+        feats[te] = rt.encode(ids, mask).float()
+        del rt, model
+    assert torch.isfinite(feats["4bit"]).all()
+    err = ((feats["4bit"] - feats["dense"]).norm() / feats["dense"].norm()).item()
+    assert err < 1e-3, err
+    with pytest.raises(ValueError, match="text_encoder"):
+        CudaRuntime.load(gemlite_repo, text_encoder="int8")

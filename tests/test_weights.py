@@ -148,6 +148,32 @@ def test_hqq_qmodel_written_by_hqq_is_read_exactly(tmp_path):
     assert not any(k.startswith("model.layers.2.") for k in cut) and "model.layers.1.mlp.up_proj.weight" in cut
 
 
+def test_hqq_text_encoder_kept_4bit_encodes_like_dense(tmp_path):
+    """The packed path (Int4Weight + a 4-bit linear per layer) gives the dense path's weights and features."""
+    from bonsai.backends.torch.linear import Int4Linear
+    from bonsai.backends.torch.text_encoder import encode, load_text_encoder
+    from bonsai.quant.qwen4bit import Int4Weight
+
+    config = testing.tiny_text_encoder_config(vocab_size=96, layers=4)
+    testing.write_hqq_text_encoder(tmp_path, config, testing.random_text_encoder(config, seed=5))
+    cfg, dense = weights.read_text_encoder(tmp_path)
+    _, packed = weights.read_text_encoder(tmp_path, packed=True)
+    quantized = [k for k, v in packed.items() if isinstance(v, Int4Weight)]
+    assert len(quantized) == 7 * 4
+    for key in quantized:
+        assert packed[key].packed.shape == (dense[key].shape[0], dense[key].shape[1] // 2)
+        assert torch.equal(packed[key].dequantize(), dense[key])
+    layers = (1, 2, 4)
+    ref = load_text_encoder(cfg, dense, layers=layers)
+    model = load_text_encoder(cfg, packed, layers=layers, make_linear=Int4Linear)
+    assert isinstance(model.layers[0].mlp.up_proj, Int4Linear)
+    ids = torch.randint(0, 96, (1, 12))
+    mask = torch.ones_like(ids)
+    assert torch.equal(encode(model, ids, mask, layers), encode(ref, ids, mask, layers))
+    with pytest.raises(ValueError, match="make_linear"):
+        load_text_encoder(cfg, packed, layers=layers)
+
+
 def test_hqq_qmodel_written_by_us_loads_in_hqq(tmp_path):
     hqq_models = pytest.importorskip("hqq.models.hf.base")
     from hqq.core.quantize import HQQLinear

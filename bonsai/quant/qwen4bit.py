@@ -1,4 +1,5 @@
-"""The two released 4-bit Qwen3 text-encoder formats -> a dense transformers Qwen3 state dict.
+"""The two released 4-bit Qwen3 text-encoder formats -> a dense transformers Qwen3 state dict (or, for HQQ, the
+linears kept packed as `Int4Weight`).
 
 HQQ (`text_encoder-hqq-4bit/qmodel.pt`): `{leaf module name: module state}`; quantized leaves hold `W_q` uint8
 [out*in/g/2, g] (rows of the [out*in/g, g] code matrix split in halves: first half in the high nibble), `scale`
@@ -8,6 +9,8 @@ biases [out, in/g], W = q * scale + bias; the embedding is quantized too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -30,8 +33,40 @@ def pack_4bit_u8(q: torch.Tensor) -> torch.Tensor:
     return (q[:half] << 4) | q[half:]
 
 
-def hqq_linear_to_dense(state: dict, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One serialized HQQLinear (4-bit, axis 1, '4bit_u8') -> dense weight [out, in]."""
+@dataclass(frozen=True)
+class Int4Weight:
+    """A 4-bit affine linear kept packed: W = (q - zero) * scale, one (scale, zero) per `group_size` inputs.
+
+    packed: uint8 [out, in / 2], LSB-first along in (q[2j] in the low nibble, q[2j + 1] in the high one);
+    scale, zero: as stored (HQQ: fp16) [out, in / group_size].
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    def codes(self) -> torch.Tensor:
+        """uint8 [out, in] codes 0..15."""
+        return torch.stack([self.packed & 0x0F, self.packed >> 4], dim=-1).reshape(self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense [out, in]: (q - zero) * scale in fp32, rounded once to `dtype` (as HQQ's own dequantize)."""
+        out, k = self.shape
+        q = self.codes().view(out, k // self.group_size, self.group_size).float()  # [out, G, g]
+        w = (q - self.zero.float().unsqueeze(-1)) * self.scale.float().unsqueeze(-1)
+        return w.reshape(out, k).to(dtype)
+
+    def to(self, device) -> "Int4Weight":
+        return Int4Weight(self.packed.to(device), self.scale.to(device), self.zero.to(device), self.group_size)
+
+
+def hqq_linear_codes(state: dict, name: str) -> Int4Weight:
+    """One serialized HQQLinear (4-bit, axis 1, '4bit_u8') -> Int4Weight (codes repacked along in)."""
     missing = [k for k in HQQ_LINEAR_KEYS if k not in state]
     _check(not missing, name, f"HQQ linear misses {missing}")
     _check(int(state["nbits"]) == 4 and state["packing"] == "4bit_u8", name,
@@ -49,13 +84,20 @@ def hqq_linear_to_dense(state: dict, name: str, dtype: torch.dtype = torch.float
     for key in ("scale", "zero"):
         _check(tuple(state[key].shape) == (out * k // g, 1), f"{name}.{key}",
                f"expected {(out * k // g, 1)}, got {tuple(state[key].shape)}")
-    q = unpack_4bit_u8(W_q).to(torch.float32)  # [out*in/g, g]
-    w = (q - state["zero"].float()) * state["scale"].float()
-    return w.reshape(out, k).to(dtype)
+    q = unpack_4bit_u8(W_q).reshape(out, k)  # row r of [out*in/g, g] is group r % (in/g) of output r // (in/g)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # [out, in / 2]
+    return Int4Weight(packed, state["scale"].reshape(out, k // g), state["zero"].reshape(out, k // g), g)
 
 
-def hqq_to_dense(qmodel: dict, dtype: torch.dtype = torch.float32, keep=lambda key: True) -> dict[str, torch.Tensor]:
-    """qmodel.pt contents -> {'<leaf>.weight': dense tensor} for every leaf whose key passes `keep`."""
+def hqq_linear_to_dense(state: dict, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One serialized HQQLinear (4-bit, axis 1, '4bit_u8') -> dense weight [out, in]."""
+    return hqq_linear_codes(state, name).dequantize(dtype)
+
+
+def hqq_to_dense(qmodel: dict, dtype: torch.dtype = torch.float32, keep=lambda key: True,
+                 packed: bool = False) -> dict[str, torch.Tensor | Int4Weight]:
+    """qmodel.pt contents -> {'<leaf>.weight': dense tensor} for every leaf whose key passes `keep`; with
+    `packed`, the quantized linears stay `Int4Weight`."""
     state = {}
     for leaf, module_state in qmodel.items():
         key = f"{leaf}.weight"
@@ -64,7 +106,8 @@ def hqq_to_dense(qmodel: dict, dtype: torch.dtype = torch.float32, keep=lambda k
         _check(isinstance(module_state, dict), leaf, f"expected a module state dict, got {type(module_state).__name__}")
         if "W_q" in module_state:
             _check("bias" not in module_state or module_state["bias"] is None, leaf, "linear biases are not expected")
-            state[key] = hqq_linear_to_dense(module_state, leaf, dtype)
+            w = hqq_linear_codes(module_state, leaf)
+            state[key] = w if packed else w.dequantize(dtype)
         else:
             extra = sorted(set(module_state) - {"weight"})
             _check("weight" in module_state and not extra, leaf, f"expected only 'weight', got {sorted(module_state)}")

@@ -1,11 +1,13 @@
-"""Triton kernel: packed binary/ternary codes * group scales -> dense bf16/fp16/fp32 matrix.
+"""Triton kernels of the CUDA fast path, over packed binary/ternary codes with one scale per 128 inputs.
 
-The fast path keeps only the packed codes resident and expands one layer at a time into a reused
-scratch buffer, then lets cuBLAS do the GEMM. At diffusion token counts (M = 1k-5k) the GEMM is
-compute-bound on Hopper, so a dense tensor-core GEMM beats in-loop unpacking; the expansion is a
-pure bandwidth pass (read 1-2 bits, write 16 bits per weight).
+- `expand_lowbit`: codes (* group scales) -> a dense matrix in a reused scratch, for cuBLAS or the fp8 GEMM.
+  At diffusion token counts (M = 1k-5k) the GEMM is compute-bound on Hopper, so a dense tensor-core GEMM
+  usually beats in-loop unpacking; the expansion is a pure bandwidth pass.
+- `lowbit_gemm`: one GEMM that reads the packed codes (or fp8 codes) and applies the group scales in the K loop;
+  bf16/fp16 activations, or fp8 e4m3 activations with one scale per token and 128-group.
+- `quantize_fp8`: activations -> fp8 e4m3 + fp32 scale per (token, 128-group).
 
-The kernel also runs under TRITON_INTERPRET=1 on CPU, which is how CI checks it.
+All of them also run under TRITON_INTERPRET=1 on CPU, which is how CI checks them.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ def _expand_kernel():
     import triton.language as tl
 
     @triton.jit
-    def expand(packed_ptr, scales_ptr, out_ptr, N, K,
-               BITS: tl.constexpr, GROUP: tl.constexpr, TERNARY: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def expand(packed_ptr, scales_ptr, zeros_ptr, out_ptr, N, K,
+               BITS: tl.constexpr, GROUP: tl.constexpr, TERNARY: tl.constexpr, SCALED: tl.constexpr,
+               AFFINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # One tile of BLOCK_N rows x BLOCK_K inputs; BLOCK_K is a multiple of GROUP that divides K, so only
         # rows need a mask. Each packed byte is read once and split in registers (no gathers).
         PER: tl.constexpr = 8 // BITS
@@ -38,35 +40,43 @@ def _expand_kernel():
         # Codes are LSB-first along K: weight b * PER + p sits in byte b at bit p * BITS.
         shifts = tl.arange(0, PER) * BITS
         q = (byte[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, BLOCK_B, PER]
-        if TERNARY:
+        if AFFINE:
+            t = q
+        elif TERNARY:
             t = q - 1
         else:
             t = 2 * q - 1
-        gcols = tl.program_id(1) * G + tl.arange(0, G)
-        s = tl.load(scales_ptr + rows64 * (K // GROUP) + gcols[None, :], mask=rmask, other=0.0)  # [BLOCK_N, G]
-        # t is -1/0/+1, so t * s in fp32 then one rounding equals t * round(s): same as the torch reference.
-        w = tl.reshape(t.to(tl.float32), (BLOCK_N, G, GROUP)) * s.to(tl.float32)[:, :, None]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        w = tl.reshape(t.to(tl.float32), (BLOCK_N, BLOCK_K))
+        if SCALED:
+            gcols = tl.program_id(1) * G + tl.arange(0, G)
+            s = tl.load(scales_ptr + rows64 * (K // GROUP) + gcols[None, :], mask=rmask, other=0.0)  # [BLOCK_N, G]
+            w = tl.reshape(w, (BLOCK_N, G, GROUP))
+            if AFFINE:  # (q - zero) * scale in fp32, one rounding: HQQ's own dequantize
+                z = tl.load(zeros_ptr + rows64 * (K // GROUP) + gcols[None, :], mask=rmask, other=0.0)
+                w = w - z.to(tl.float32)[:, :, None]
+            # t is -1/0/+1, so t * s in fp32 then one rounding equals t * round(s): same as the torch reference.
+            w = tl.reshape(w * s.to(tl.float32)[:, :, None], (BLOCK_N, BLOCK_K))
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         tl.store(out_ptr + rows64 * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=rmask)
 
     return expand
 
 
-def expand_lowbit(packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_features: int,
-                  out: torch.Tensor) -> torch.Tensor:
-    """Write W = t * s into `out` [N, K] (any float dtype, contiguous).
+def expand_lowbit(packed: torch.Tensor, scales: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                  out: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """Write W = t * s into `out` [N, K] (any float dtype, contiguous), or the codes t alone if scales is None
+    (what the fp8 GEMM reads: t is exact in e4m3). bits 4 with `zeros`: W = (q - zero) * s (HQQ 4-bit).
 
     packed: uint8 [N, K * bits / 8], LSB-first along K (bits 2: q = t + 1; bits 1: q = (b + 1) / 2).
-    scales: float [N, K // group_size].
+    scales, zeros: float [N, K // group_size].
     """
-    if bits not in (1, 2):
-        raise ValueError(f"bits must be 1 (binary) or 2 (ternary), got {bits}")
+    if bits not in (1, 2, 4) or (bits == 4) != (zeros is not None) or (zeros is not None and scales is None):
+        raise ValueError(f"bits must be 1 (binary), 2 (ternary) or 4 with zeros and scales, got {bits}")
     n, k = packed.shape[0], in_features
     if packed.shape != (n, k * bits // 8) or packed.dtype != torch.uint8:
         raise ValueError(f"packed must be uint8 [{n}, {k * bits // 8}], got {packed.dtype} {tuple(packed.shape)}")
-    if k % group_size or scales.shape != (n, k // group_size):
-        raise ValueError(f"scales must be [{n}, {k // group_size}] for in_features={k}, got {tuple(scales.shape)}")
+    if k % group_size or any(t is not None and t.shape != (n, k // group_size) for t in (scales, zeros)):
+        raise ValueError(f"scales and zeros must be [{n}, {k // group_size}] for in_features={k}")
     if out.shape != (n, k) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{n}, {k}] tensor, got {tuple(out.shape)}")
     if group_size & (group_size - 1) or group_size < 8:
@@ -74,7 +84,142 @@ def expand_lowbit(packed: torch.Tensor, scales: torch.Tensor, bits: int, group_s
     block_k = next(b for b in (4 * group_size, 2 * group_size, group_size) if k % b == 0)
     block_n = max(1, min(32, 16384 // block_k))
     grid = ((n + block_n - 1) // block_n, k // block_k)
-    _expand_kernel()[grid](packed.contiguous(), scales.contiguous(), out, n, k,
-                           BITS=bits, GROUP=group_size, TERNARY=bits == 2,
+    _expand_kernel()[grid](packed.contiguous(), packed if scales is None else scales.contiguous(),
+                           packed if zeros is None else zeros.contiguous(), out, n, k,
+                           BITS=bits, GROUP=group_size, TERNARY=bits == 2, SCALED=scales is not None,
+                           AFFINE=zeros is not None,
                            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
     return out
+
+
+@functools.cache
+def _gemm_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemm(a_ptr, a_scales_ptr, b_ptr, b_scales_ptr, c_ptr, M, N, K, stride_am, stride_cm,
+             BITS: tl.constexpr, GROUP: tl.constexpr, TERNARY: tl.constexpr, A_FP8: tl.constexpr,
+             B_PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             GROUP_M: tl.constexpr):
+        # C [M, N] = A [M, K] @ (t * s).T. B is either the packed codes uint8 [N, K * BITS / 8] or the fp8 codes
+        # [N, K]; BLOCK_K divides GROUP, so one scale per row of B covers a whole K step.
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BLOCK_M)
+        grid_n = tl.cdiv(N, BLOCK_N)
+        # Grouped launch order: GROUP_M row blocks share each B tile while it is in L2.
+        width = GROUP_M * grid_n
+        first_m = (pid // width) * GROUP_M
+        size_m = min(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = rm < M
+        nmask = rn < N
+        rm64 = rm.to(tl.int64)
+        rn64 = rn.to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        PER: tl.constexpr = 8 // BITS
+        BLOCK_B: tl.constexpr = BLOCK_K // PER
+        shifts = tl.arange(0, PER) * BITS
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + rk)[None, :], mask=mmask[:, None], other=0.0)
+            if B_PACKED:
+                kb = k0 // PER + tl.arange(0, BLOCK_B)
+                byte = tl.load(b_ptr + rn64[None, :] * (K // PER) + kb[:, None], mask=nmask[None, :], other=0)
+                q = (byte.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_B, PER, N]
+                q = tl.reshape(q, (BLOCK_K, BLOCK_N))  # row kb * PER + p: the LSB-first order along K
+                if TERNARY:
+                    t = (q - 1).to(tl.float32)
+                else:
+                    t = (2 * q - 1).to(tl.float32)
+            else:
+                t = tl.load(b_ptr + rn64[None, :] * K + (k0 + rk)[:, None], mask=nmask[None, :], other=0.0)
+            s = tl.load(b_scales_ptr + rn64 * (K // GROUP) + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
+            if A_FP8:
+                sa = tl.load(a_scales_ptr + rm64 * (K // GROUP) + k0 // GROUP, mask=mmask, other=0.0)  # [BLOCK_M]
+                acc += tl.dot(a, t.to(a.dtype)) * (sa[:, None] * s[None, :])
+            else:
+                # t * s rounded once: the same B as the dequantized weight, so acc sees exact weights.
+                acc = tl.dot(a, (t * s[None, :]).to(a.dtype), acc)
+        c = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + rm64[:, None] * stride_cm + rn[None, :], c, mask=mmask[:, None] & nmask[None, :])
+
+    return gemm
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried per shape by bonsai.backends.cuda.linear.
+GEMM_CONFIGS = (
+    (128, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (64, 128, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+)
+
+
+def lowbit_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
+                in_features: int, x_scales: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                config=GEMM_CONFIGS[0]) -> torch.Tensor:
+    """x [M, K] @ (t * s).T -> [M, N] in one kernel.
+
+    b: the packed codes uint8 [N, K * bits / 8] (unpacked in the K loop), or fp8 e4m3 codes [N, K] from
+    `expand_lowbit(..., scales=None)`. x: bf16/fp16, or fp8 e4m3 with `x_scales` fp32 [M, K / group_size]
+    (`quantize_fp8`); then the output is `out_dtype`.
+    """
+    import triton
+
+    m, k = x.shape
+    n = b.shape[0]
+    block_m, block_n, block_k, warps, stages = config
+    packed = b.dtype == torch.uint8
+    if k != in_features or group_size % block_k or b.shape[1] != (k * bits // 8 if packed else k):
+        raise ValueError(f"lowbit_gemm: x {tuple(x.shape)}, b {b.dtype} {tuple(b.shape)} and in_features={in_features} "
+                         f"(bits {bits}, group {group_size}, BLOCK_K {block_k}) disagree")
+    fp8 = x.dtype == torch.float8_e4m3fn
+    if fp8 != (x_scales is not None) or (not packed and not fp8):
+        raise ValueError("lowbit_gemm: fp8 activations need x_scales, and fp8 codes need fp8 activations")
+    out = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _gemm_kernel()[grid](x, x if x_scales is None else x_scales, b, scales, out, m, n, k, x.stride(0), out.stride(0),
+                         BITS=bits, GROUP=group_size, TERNARY=bits == 2, A_FP8=fp8, B_PACKED=packed,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                         num_warps=warps, num_stages=stages)
+    return out
+
+
+@functools.cache
+def _quantize_fp8_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quantize(x_ptr, q_ptr, s_ptr, M, K, stride_xm, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rm < M)[:, None]
+        rm64 = rm.to(tl.int64)
+        cols = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # 448 is the largest finite e4m3fn value; an all-zero group keeps scale 1 (its codes are 0 anyway).
+        amax = tl.max(tl.abs(x), axis=1)
+        s = tl.where(amax > 0, amax / 448.0, 1.0)
+        q = x / s[:, None]
+        tl.store(q_ptr + rm64[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + rm64 * (K // GROUP) + tl.program_id(1), s, mask=rm < M)
+
+    return quantize
+
+
+def quantize_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 e4m3 [M, K], fp32 scales [M, K / group_size]) with x ~= q * s per (token, group)."""
+    m, k = x.shape
+    if k % group_size or x.stride(1) != 1:
+        raise ValueError(f"quantize_fp8: x {tuple(x.shape)} needs K a multiple of {group_size} and unit stride")
+    q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty(m, k // group_size, device=x.device, dtype=torch.float32)
+    block_m = 16
+    _quantize_fp8_kernel()[((m + block_m - 1) // block_m, k // group_size)](
+        x, q, s, m, k, x.stride(0), GROUP=group_size, BLOCK_M=block_m, num_warps=4)
+    return q, s

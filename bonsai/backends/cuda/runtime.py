@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ..torch.runtime import TorchRuntime
-from .linear import LINEARS, make_linear_factory, release_scratch, scratch_buffers
+from . import choice
+from .linear import LINEARS, FastInt4Linear, make_linear_factory, release_scratch, scratch_buffers
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,18 @@ class CudaRuntime(TorchRuntime):
     name = "cuda"
 
     @classmethod
-    def load(cls, folder, device=None, dtype=None, linear: str = "auto", keep_text_encoder: bool = False,
-             autotune_file: str | Path | None = None, cuda_graphs: bool = True, compile: bool = False, **options):
-        """linear: "auto" (= "fast": Triton expand + cuBLAS), "fast" or "gemlite"; dtype bf16 (default) or fp16.
+    def load(cls, folder, device=None, dtype=None, linear: str = "auto", activations: str | None = None,
+             text_encoder: str = "4bit", keep_text_encoder: bool = False, autotune_file: str | Path | None = None,
+             cuda_graphs: bool = True, compile: bool = False, **options):
+        """linear: "auto" (per shape, the faster of "expand" and "fused", measured once and cached), "expand"
+        (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop) or "gemlite".
+        dtype: bf16 (default) or fp16. activations="fp8": e4m3 activations per token and 128-group into our
+        fp8 GEMMs (opt-in; not with gemlite). text_encoder: "4bit" keeps the HQQ pack's linears 4-bit on the GPU
+        (expanded per layer for cuBLAS); "dense" dequantizes them to bf16 (the other packs are always dense).
 
         With "gemlite", a released gemlite repo loads as stored and its `gemlite_autotune.json` is honoured;
         tuned configs are persisted per GPU model under the user cache (`autotune_file` overrides the path).
+        Our per-shape GEMM choices are persisted next to them (`choice.cache_path()`).
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
         ~1k small kernels per step). compile: torch.compile each transformer block (fuses the elementwise work).
         """
@@ -61,8 +68,9 @@ class CudaRuntime(TorchRuntime):
         dtype = dtype or torch.bfloat16
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-        if linear not in LINEARS:
-            raise ValueError(f"linear must be one of {LINEARS}, got {linear!r}")
+        make_linear = make_linear_factory(linear, activations)  # validates linear and activations
+        if text_encoder not in ("4bit", "dense"):
+            raise ValueError(f"text_encoder must be '4bit' or 'dense', got {text_encoder!r}")
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -76,6 +84,8 @@ class CudaRuntime(TorchRuntime):
                 gemlite.load_autotune(f)
             tune = Path(autotune_file) if autotune_file else gemlite.autotune_cache_path()
             gemlite.load_autotune(tune)
+        else:
+            choice.load(choice.cache_path())
         if linear == "gemlite" and _gemlite_dirs(folder):
             from ... import weights
             from ..torch.vae import load_vae_decoder
@@ -86,15 +96,29 @@ class CudaRuntime(TorchRuntime):
             rt = cls(folder, transformer, vae, device, dtype, options.get("layers", _default_layers()),
                      keep_text_encoder)
         else:
-            rt = super().load(folder, device=device, dtype=dtype, make_linear=make_linear_factory(linear),
+            rt = super().load(folder, device=device, dtype=dtype, make_linear=make_linear,
                               keep_text_encoder=keep_text_encoder, **options)
-        rt.linear = "fast" if linear == "auto" else linear
+        rt.linear, rt.activations, rt.text_encoder = linear, activations, text_encoder
+        rt._choices_saved = len(choice.table())
         rt.autotune_file = tune
         rt.configure(cuda_graphs=cuda_graphs, compile=compile)
         torch.cuda.synchronize(device)
         rt.load_seconds = time.perf_counter() - t0
         rt.resident_gb = torch.cuda.memory_allocated(device) / 1e9
         return rt
+
+    def _load_text_encoder(self):
+        from ... import weights
+
+        if (self._text_encoder is None and getattr(self, "text_encoder", "dense") == "4bit"
+                and weights.find_text_encoder(self.folder)[0] == "hqq"):
+            from ..torch.text_encoder import load_text_encoder
+
+            config, state = weights.read_text_encoder(self.folder, layers=max(self.layers), dtype=self.dtype,
+                                                      packed=True)
+            self._text_encoder = load_text_encoder(config, state, device=self.device, dtype=self.dtype,
+                                                   layers=self.layers, make_linear=FastInt4Linear)
+        return super()._load_text_encoder()
 
     def configure(self, cuda_graphs: bool = True, compile: bool = False) -> None:
         """Set the denoise-loop execution options (see `load`); drops captured graphs."""
@@ -122,7 +146,9 @@ class CudaRuntime(TorchRuntime):
     def denoise(self, noise, features, sigmas, img_ids, txt_ids, callback=None) -> torch.Tensor:
         """Euler flow matching like TorchRuntime.denoise; with cuda_graphs, each step replays a captured forward."""
         if not getattr(self, "cuda_graphs", False):
-            return super().denoise(noise, features, sigmas, img_ids, txt_ids, callback)
+            x = super().denoise(noise, features, sigmas, img_ids, txt_ids, callback)
+            self._save_choices()
+            return x
         x = noise.to(self.device, self.dtype)
         features = features.to(self.device, self.dtype)
         run = self._graphed_forward(x, features, img_ids, txt_ids)
@@ -135,12 +161,19 @@ class CudaRuntime(TorchRuntime):
             x = (x.float() + (sig[i + 1] - sig[i]).to(self.device) * v.float()).to(self.dtype)
             if callback is not None:
                 callback(i, x)
+        self._save_choices()
         return x
+
+    def _save_choices(self) -> None:
+        """Persist our per-shape GEMM choices when this render measured new ones (the next process skips that)."""
+        if len(choice.table()) > getattr(self, "_choices_saved", 0):
+            choice.save(choice.cache_path())
+            self._choices_saved = len(choice.table())
 
     @torch.inference_mode()
     def warmup(self, sizes=((1024, 1024),), text_tokens: int = 512) -> dict[tuple[int, int], float]:
-        """One denoise step per (height, width), so Triton JIT and gemlite autotuning happen now rather than in the
-        first image; persists gemlite's tuned configs. Returns seconds per size."""
+        """One denoise step per (height, width), so Triton JIT, our GEMM choice and gemlite autotuning happen now
+        rather than in the first image; persists the tuned configs and choices. Returns seconds per size."""
         from ... import latents
 
         cfg = self.transformer.config

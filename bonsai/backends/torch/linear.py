@@ -48,3 +48,26 @@ class LowBitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, kind={self.kind}, group_size={self.group_size}"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W = (q - zero) * scale, 4-bit codes packed along in (a `bonsai.quant.Int4Weight`)."""
+
+    def __init__(self, weight, device=None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = int(weight.group_size)
+        self.register_buffer("packed", weight.packed.to(device=device, dtype=torch.uint8).contiguous())
+        self.register_buffer("scale", weight.scale.to(device).contiguous())
+        self.register_buffer("zero", weight.zero.to(device).contiguous())
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from ...quant.qwen4bit import Int4Weight
+
+        return Int4Weight(self.packed, self.scale, self.zero, self.group_size).dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}"

@@ -8,8 +8,12 @@ from torch import nn
 from ...prompt import FEATURE_LAYERS, stack_features
 
 
-def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = torch.float32, layers=FEATURE_LAYERS):
-    """A transformers Qwen3Model with decoder layers [0, max(layers)) from a dense Qwen3ForCausalLM state dict."""
+def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = torch.float32, layers=FEATURE_LAYERS,
+                      make_linear=None):
+    """A transformers Qwen3Model with decoder layers [0, max(layers)) from a Qwen3ForCausalLM state dict.
+
+    Values that are not tensors (packed `Int4Weight` linears) become `make_linear(weight, device=, dtype=)`.
+    """
     import transformers
 
     from ...weights import qwen3_config
@@ -29,7 +33,19 @@ def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = to
     if missing or unexpected:
         raise ValueError(f"text encoder state dict does not match its config: missing {missing[:6]}, "
                          f"unexpected {unexpected[:6]}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in wanted.items()}, strict=True, assign=True)
+    packed = {k: v for k, v in wanted.items() if not isinstance(v, torch.Tensor)}
+    if packed and make_linear is None:
+        raise ValueError(f"text encoder state has packed linears ({next(iter(packed))}, ...) but no make_linear")
+    for key, weight in packed.items():
+        parent, _, name = key.removesuffix(".weight").rpartition(".")
+        if not key.endswith(".weight") or not isinstance(getattr(model.get_submodule(parent), name), nn.Linear):
+            raise ValueError(f"text encoder: packed weight {key} is not a linear's weight")
+        setattr(model.get_submodule(parent), name, make_linear(weight, device=device, dtype=dtype))
+    dense = {k: v.to(device=device, dtype=dtype) for k, v in wanted.items() if k not in packed}
+    result = model.load_state_dict(dense, strict=False, assign=True)
+    replaced = tuple(k.removesuffix("weight") for k in packed)
+    if result.unexpected_keys or any(not k.startswith(replaced) for k in result.missing_keys):
+        raise ValueError(f"text encoder state dict did not load: {result}")
     # hidden_states[-1] is the final-normed output; the features want the raw output of the last layer kept.
     model.norm = nn.Identity()
     model.rotary_emb = type(model.rotary_emb)(config=config).to(device)  # its buffers were built on meta
