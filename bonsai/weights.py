@@ -125,12 +125,16 @@ def find_transformer(folder: str | Path, layout: str | None = None) -> tuple[str
     raise FileNotFoundError(f"{folder} holds no transformer folder (expected one of {expected})")
 
 
-def read_transformer(folder: str | Path, layout: str | None = None) -> TransformerWeights:
-    """Read the transformer of a released (or compact) repo folder; see LAYOUT_DIRS for what is recognised."""
+def read_transformer(folder: str | Path, layout: str | None = None, device=None) -> TransformerWeights:
+    """Read the transformer of a released (or compact) repo folder; see LAYOUT_DIRS for what is recognised.
+
+    device: where the stored tensors are converted (a GPU unpacks and checks 4B codes in a fraction of the CPU's
+    time); the result lives there.
+    """
     layout, path = find_transformer(folder, layout)
     config = TransformerConfig.from_json(path / "config.json")
     reader = {"gemlite": _read_gemlite, "mlx": _read_mlx, "compact": _read_compact, "unpacked": _read_unpacked}[layout]
-    kind, tensors, quant_config = reader(path, config)
+    kind, tensors, quant_config = reader(path, config, device)
     _check_keys(tensors, config, path / WEIGHT_FILES[layout])
     autotune = path / "gemlite_autotune.json"
     return TransformerWeights(config, kind, layout, tensors, path, quant_config,
@@ -199,7 +203,7 @@ def read_gemlite_state(folder: str | Path) -> tuple[TransformerConfig, dict, dic
         path / WEIGHT_FILES[layout])
 
 
-def _read_gemlite(path: Path, config: TransformerConfig):
+def _read_gemlite(path: Path, config: TransformerConfig, device=None):
     q = read_quant_config(path)
     kind = _kind(q["bits"])
     folder_bits = {"transformer-gemlite-int2": 2, "transformer-gemlite-int1": 1}[path.name]
@@ -210,7 +214,7 @@ def _read_gemlite(path: Path, config: TransformerConfig):
     if wq_dtype is None:
         raise ValueError(f"{path}/quantization_config.json: packing_bitwidth must be 8 or 32, got {packing!r}")
     file = path / WEIGHT_FILES["gemlite"]
-    state = load_torch_file(file)
+    state = _to(load_torch_file(file), device)
     tensors, groups = {}, {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -237,6 +241,10 @@ def _read_gemlite(path: Path, config: TransformerConfig):
     return kind, tensors, q
 
 
+def _to(state: dict, device) -> dict:
+    return state if device is None else {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -255,10 +263,10 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_mlx(path: Path, config: TransformerConfig):
+def _read_mlx(path: Path, config: TransformerConfig, device=None):
     q = read_quant_config(path)
     file = path / WEIGHT_FILES["mlx"]
-    raw = _read_safetensors(file)
+    raw = _to(_read_safetensors(file), device)
     tensors = {}
     linears = lowbit_linears(config)
     for key, value in raw.items():
@@ -281,7 +289,7 @@ def _read_mlx(path: Path, config: TransformerConfig):
     return _kind(q["bits"]), tensors, q
 
 
-def _read_compact(path: Path, config: TransformerConfig):
+def _read_compact(path: Path, config: TransformerConfig, device=None):  # converted on the CPU
     q = read_json(path / "quantization_config.json")
     file = path / WEIGHT_FILES["compact"]
     if q.get("format") != COMPACT_FORMAT or q.get("kind") not in BITS or q.get("group_size") != GROUP_SIZE:
@@ -305,7 +313,7 @@ def _read_compact(path: Path, config: TransformerConfig):
     return kind, tensors, q
 
 
-def _read_unpacked(path: Path, config: TransformerConfig):
+def _read_unpacked(path: Path, config: TransformerConfig, device=None):  # converted on the CPU
     """Dense diffusers transformer: each big linear must be exactly s * codes per group (packed losslessly)."""
     file = path / WEIGHT_FILES["unpacked"]
     raw = _read_safetensors(file)
@@ -352,11 +360,11 @@ def find_text_encoder(folder: str | Path) -> tuple[str, Path]:
 
 
 def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torch.dtype = torch.float32,
-                      packed: bool = False):
+                      packed: bool = False, device=None):
     """-> (transformers Qwen3Config, dense Qwen3ForCausalLM state dict) from any released text-encoder folder.
 
     layers: keep only decoder layers [0, layers) (the features need 27 of 36); the config says so too.
-    packed: the HQQ pack's linears stay `Int4Weight` (the other formats are always dense).
+    packed: the HQQ pack's linears stay `Int4Weight` (the other formats are always dense), on `device`.
     """
     fmt, path = find_text_encoder(folder)
     cfg = read_json(path / "config.json")
@@ -368,7 +376,8 @@ def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torc
         raise ValueError(f"{path}/config.json has {n_total} layers, cannot keep {n}")
     keep = lambda key: not key.startswith("model.layers.") or int(key.split(".")[2]) < n  # noqa: E731
     if fmt == "hqq":
-        state = hqq_to_dense(load_torch_file(path / "qmodel.pt"), dtype, keep, packed=packed)
+        state = hqq_to_dense(load_torch_file(path / "qmodel.pt"), dtype, keep, packed=packed,
+                             device=device if packed else None)
     elif fmt == "mlx":
         if not quant or quant.get("bits") != 4:
             raise ValueError(f"{path}/config.json: expected \"quantization\": {{\"bits\": 4, ...}}, got {quant}")

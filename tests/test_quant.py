@@ -114,6 +114,20 @@ def _gemlite(kind="ternary"):
     return LowBitWeight.from_codes(t, s, kind).to_gemlite()
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=64), st.integers(0, 3))
+def test_code3_detected_in_any_slot(values, slot):
+    """The validity check of ternary packs (no unpacking) finds a code 3 wherever it sits in a byte."""
+    from bonsai.quant.packing import has_code3
+
+    # Only codes 0..2 in every slot, then a 3 in one slot of one byte.
+    clean = torch.tensor([sum(((v >> (2 * j)) % 3) << (2 * j) for j in range(4)) for v in values], dtype=torch.uint8)
+    assert not has_code3(clean)
+    bad = clean.clone()
+    bad[len(values) // 2] |= 3 << (2 * slot)
+    assert has_code3(bad)
+
+
 def test_corrupted_gemlite_tensors_raise_clear_errors():
     gl = _gemlite()
     bad = dict(gl, W_q=gl["W_q"] | 0b11)  # code 3 in every byte's first slot

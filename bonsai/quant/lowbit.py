@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
+from .packing import has_code3, pack_bits, pack_trits, unpack_bits, unpack_trits
 
 BITS = {"ternary": 2, "binary": 1}
 GEMLITE_FP16, GEMLITE_FP32, GEMLITE_MODE_FMA = 1, 0, 4
@@ -142,7 +142,7 @@ class LowBitWeight:
         s, z = scales.t().to(torch.float32), zeros.t().to(torch.float32)
         if kind == "ternary":
             _check(torch.equal(z, -s), f"{name}.zeros", "ternary packs need zeros == -scales (W = (q - 1) * s)")
-            _check(not bool((unpack_bits(packed, 2) == 3).any()), f"{name}.W_q", "ternary code 3 is not a valid trit")
+            _check(not has_code3(packed), f"{name}.W_q", "ternary code 3 is not a valid trit")
         else:
             _check(torch.equal(z, -s / 2), f"{name}.zeros", "binary packs need zeros == -scales / 2 (W = (2q - 1) * s)")
             s = s / 2
@@ -181,7 +181,7 @@ class LowBitWeight:
         s, b = scales.to(torch.float32), biases.to(torch.float32)
         if kind == "ternary":
             _check(torch.equal(b, -s), f"{name}.biases", "ternary packs need biases == -scales (W = (q - 1) * s)")
-            _check(not bool((unpack_bits(packed, 2) == 3).any()), f"{name}.weight", "ternary code 3 is not a valid trit")
+            _check(not has_code3(packed), f"{name}.weight", "ternary code 3 is not a valid trit")
         else:
             _check(torch.equal(b, -s / 2), f"{name}.biases", "binary packs need biases == -scales / 2 (W = (2q - 1) * s)")
             s = s / 2

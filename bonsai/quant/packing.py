@@ -27,6 +27,11 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return q.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
+def has_code3(packed: torch.Tensor) -> bool:
+    """Whether any 2-bit code in uint8 bytes is 3 (both bits of a slot set), without unpacking."""
+    return bool((packed & (packed >> 1) & 0x55).any())
+
+
 def pack_trits(q: torch.Tensor) -> torch.Tensor:
     """uint8 trits [..., K] in {0, 1, 2} -> uint8 [..., ceil(K / 5)], byte = sum q_i * 3**i (zero-padded)."""
     k = q.shape[-1]

@@ -95,9 +95,9 @@ def hqq_linear_to_dense(state: dict, name: str, dtype: torch.dtype = torch.float
 
 
 def hqq_to_dense(qmodel: dict, dtype: torch.dtype = torch.float32, keep=lambda key: True,
-                 packed: bool = False) -> dict[str, torch.Tensor | Int4Weight]:
+                 packed: bool = False, device=None) -> dict[str, torch.Tensor | Int4Weight]:
     """qmodel.pt contents -> {'<leaf>.weight': dense tensor} for every leaf whose key passes `keep`; with
-    `packed`, the quantized linears stay `Int4Weight`."""
+    `packed`, the quantized linears stay `Int4Weight`, repacked on `device` (a GPU does it in milliseconds)."""
     state = {}
     for leaf, module_state in qmodel.items():
         key = f"{leaf}.weight"
@@ -106,6 +106,8 @@ def hqq_to_dense(qmodel: dict, dtype: torch.dtype = torch.float32, keep=lambda k
         _check(isinstance(module_state, dict), leaf, f"expected a module state dict, got {type(module_state).__name__}")
         if "W_q" in module_state:
             _check("bias" not in module_state or module_state["bias"] is None, leaf, "linear biases are not expected")
+            if device is not None:
+                module_state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in module_state.items()}
             w = hqq_linear_codes(module_state, leaf)
             state[key] = w if packed else w.dequantize(dtype)
         else:

@@ -115,7 +115,7 @@ class CudaRuntime(TorchRuntime):
             from ..torch.text_encoder import load_text_encoder
 
             config, state = weights.read_text_encoder(self.folder, layers=max(self.layers), dtype=self.dtype,
-                                                      packed=True)
+                                                      packed=True, device=self.device)
             self._text_encoder = load_text_encoder(config, state, device=self.device, dtype=self.dtype,
                                                    layers=self.layers, make_linear=FastInt4Linear)
         return super()._load_text_encoder()

@@ -41,7 +41,7 @@ class TorchRuntime:
         folder = Path(folder)
         device = torch.device(device or "cpu")
         dtype = dtype or default_dtype(device)
-        tw = weights.read_transformer(folder)
+        tw = weights.read_transformer(folder, device=device)
         transformer = load_transformer(tw.tensors, tw.config, device=device, dtype=dtype, make_linear=make_linear)
         del tw
         vae_config, vae_state = weights.read_vae(folder)
