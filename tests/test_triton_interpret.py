@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -120,5 +121,8 @@ def test_expand_kernel_in_interpreter():
     assert run_interpreted(SCRIPT).startswith("OK 16")
 
 
+@pytest.mark.skipif(tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3),
+                    reason="Triton 3.6's interpreter cannot run loops over runtime scalars with numpy >= 2.3 "
+                           "(CI pins numpy<2.3)")
 def test_fused_and_fp8_gemm_in_interpreter():
     assert run_interpreted(GEMM_SCRIPT).startswith("OK 16")

@@ -110,7 +110,7 @@ def _gemm_kernel():
         # Grouped launch order: GROUP_M row blocks share each B tile while it is in L2.
         width = GROUP_M * grid_n
         first_m = (pid // width) * GROUP_M
-        size_m = min(grid_m - first_m, GROUP_M)
+        size_m = tl.minimum(grid_m - first_m, GROUP_M)
         pid_m = first_m + (pid % width) % size_m
         pid_n = (pid % width) // size_m
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
