@@ -69,11 +69,10 @@ def clear() -> None:
 
 
 def cache_path(directory: str | Path | None = None) -> Path:
-    """Per-GPU-model table, e.g. ~/.cache/bonsai/gemm-NVIDIA_H100_80GB_HBM3.json (same folder as gemlite's)."""
-    from .gemlite import cache_dir
+    """Per-GPU-model table, e.g. ~/.cache/bonsai/gemm-NVIDIA_H100_80GB_HBM3.json (next to gemlite's)."""
+    from .gemlite import gpu_cache_file
 
-    name = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
-    return Path(directory or cache_dir()) / f"gemm-{name}.json"
+    return gpu_cache_file("gemm", directory)
 
 
 def load(path: str | Path) -> bool:

@@ -183,10 +183,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bonsai"
 
 
-def autotune_cache_path(directory: str | Path | None = None) -> Path:
-    """Per-GPU-model gemlite autotune cache, e.g. ~/.cache/bonsai/gemlite-NVIDIA_H100_80GB_HBM3.json."""
+def gpu_cache_file(prefix: str, directory: str | Path | None = None) -> Path:
+    """A per-GPU-model file in the user cache, e.g. ~/.cache/bonsai/<prefix>-NVIDIA_H100_80GB_HBM3.json."""
     name = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
-    return Path(directory or cache_dir()) / f"gemlite-{name}.json"
+    return Path(directory or cache_dir()) / f"{prefix}-{name}.json"
+
+
+def autotune_cache_path(directory: str | Path | None = None) -> Path:
+    """Per-GPU-model gemlite autotune cache."""
+    return gpu_cache_file("gemlite", directory)
 
 
 def load_autotune(path: str | Path) -> bool:
