@@ -57,7 +57,7 @@ def write_repo(path: Path) -> None:
         return
     t0 = time.perf_counter()
     testing.write_repo(path, "gemlite", "ternary", transformer_config=KLEIN_4B, vae_config=FLUX2_VAE,
-                       text_encoder_layers=2)  # the tiny text encoder is replaced below
+                       text_encoder_layers=4)  # the tiny text encoder is replaced below
     config = transformers.Qwen3Config(**QWEN3_4B, architectures=["Qwen3ForCausalLM"])
     g = torch.Generator().manual_seed(0)
     h, f, hd = config.hidden_size, config.intermediate_size, config.head_dim

@@ -1,12 +1,17 @@
 """bonsai: inference for PrismML's Bonsai Image 4B (FLUX.2 [klein] 4B with binary/ternary weights)."""
 
-__all__ = ["Pipeline", "Result", "LowBitWeight"]
+from .errors import BonsaiError, BonsaiFileNotFoundError, BonsaiValueError, Cancelled
+
+__all__ = ["Pipeline", "Result", "Report", "metadata", "about", "LowBitWeight", "BonsaiError", "BonsaiValueError",
+           "BonsaiFileNotFoundError", "Cancelled"]
 __version__ = "0.1.0"
+
+_PIPELINE = ("Pipeline", "Result", "Report", "metadata", "about")
 
 
 def __getattr__(name):
-    # Lazy so that `import bonsai` stays cheap and never imports a backend library.
-    if name in ("Pipeline", "Result"):
+    # Lazy so that `import bonsai` stays cheap and never imports torch or a backend library.
+    if name in _PIPELINE:
         from . import pipeline
 
         return getattr(pipeline, name)

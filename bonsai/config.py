@@ -153,5 +153,39 @@ class SchedulerConfig:
         return cls.from_dict(read_json(path), str(path))
 
 
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """How prompts become features: the Qwen3 hidden states after decoder layers `feature_layers` (1-based; index 0
+    would be the embeddings), concatenated per token, prompts padded to `max_length` tokens.
+
+    Read from the text encoder's config.json: `feature_layers` is our key (the tiny test repos write it); released
+    configs lack it and get klein's (9, 18, 27).
+    """
+
+    feature_layers: tuple[int, ...] = (9, 18, 27)
+    max_length: int = 512
+    num_hidden_layers: int = 36
+
+    def __post_init__(self):
+        if not self.feature_layers or list(self.feature_layers) != sorted(set(self.feature_layers)):
+            raise ValueError(f"feature_layers must be increasing layer numbers, got {self.feature_layers}")
+        if self.feature_layers[0] < 1 or self.feature_layers[-1] > self.num_hidden_layers:
+            raise ValueError(f"feature_layers {self.feature_layers} must lie in [1, num_hidden_layers="
+                             f"{self.num_hidden_layers}]")
+
+    @property
+    def layers_needed(self) -> int:
+        """Decoder layers to load: the features never read past the last feature layer."""
+        return self.feature_layers[-1]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "text encoder config") -> "TextEncoderConfig":
+        return _from_dict(cls, d, source)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TextEncoderConfig":
+        return cls.from_dict(read_json(path), str(path))
+
+
 KLEIN_4B = TransformerConfig()
 FLUX2_VAE = VAEConfig()

@@ -1,12 +1,16 @@
-"""`bonsai.Pipeline`: one text-to-image API over every backend."""
+"""`bonsai.Pipeline`: one text-to-image API over every backend.
+
+The flow, all in this file over shared modules: prompt -> tokens (`prompt`) -> features (`Runtime.encode`, cached)
+-> seeded noise (`latents`) -> schedule (`scheduler`) -> Euler sampler (`sampling`) over `Runtime.velocity` ->
+`Runtime.decode` -> PIL images with their generation metadata.
+"""
 
 from __future__ import annotations
 
 import json
-import resource
-import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,13 +19,14 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from . import __version__, hub, latents, scheduler, sizes, weights
+from . import __version__, hub, latents, params, sampling, scheduler, weights
 from .backends import load_runtime, resolve
-from .config import SchedulerConfig
+from .config import SchedulerConfig, TextEncoderConfig
+from .errors import BonsaiValueError, Cancelled
 from .prompt import load_tokenizer, tokenize
-from .sizes import check_size
+from .runtime import Runtime
 
-MAX_SEED = 2**32
+FEATURE_CACHE = 16  # prompts whose features are kept (bf16 klein: 7.9 MB each)
 
 
 @dataclass
@@ -35,6 +40,7 @@ class Report:
     decode_s: float = 0.0
     total_s: float = 0.0
     peak_memory_gb: float | None = None
+    encoded: int = 0  # prompts that ran the text encoder (the others came from the feature cache)
     memory: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -53,10 +59,14 @@ class Result:
         return self.images[0]
 
     def save(self, path: str | Path) -> list[Path]:
-        """Save as PNG with the generation metadata as text chunks. A folder gets one file per image."""
+        """Save as PNG with the generation metadata as text chunks: one image to a `.png` path; several images to
+        a folder (created), one file per image."""
         path = Path(path)
-        if len(self.images) == 1 and path.suffix.lower() == ".png":
+        if path.suffix.lower() == ".png" and len(self.images) == 1:
             targets = [path]
+        elif path.suffix:
+            raise BonsaiValueError(f"save: {path} must be a .png file for one image, or a folder (no suffix) for "
+                                   f"{len(self.images)}")
         else:
             path.mkdir(parents=True, exist_ok=True)
             targets = [path / f"bonsai-{img.info['bonsai_seed']}-{i}.png" for i, img in enumerate(self.images)]
@@ -70,11 +80,7 @@ def save_png(image: Image.Image, path: str | Path) -> None:
     for k, v in image.info.items():
         if k.startswith("bonsai"):
             info.add_text(k, str(v))
-    image.save(path, pnginfo=info)
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    image.save(path, format="PNG", pnginfo=info)
 
 
 class Pipeline:
@@ -85,51 +91,52 @@ class Pipeline:
     >>> result.save("bonsai.png")
     """
 
-    def __init__(self, runtime, tokenizer, scheduler_config: SchedulerConfig, model: str, variant: str):
+    def __init__(self, runtime: Runtime, tokenizer, scheduler_config: SchedulerConfig, text_config: TextEncoderConfig,
+                 model: str, variant: str, feature_cache: int = FEATURE_CACHE):
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
+        self.text_config = text_config
         self.model = model
         self.variant = variant
+        self.feature_cache = feature_cache
+        self._features: OrderedDict[str, object] = OrderedDict()  # full prompt -> features [1, S, D]
         self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: str | Path, backend: str = "auto", device=None, dtype=None,
-                        revision: str | None = None, local_files_only: bool = False, **options) -> "Pipeline":
+                        revision: str | None = None, local_files_only: bool = False,
+                        feature_cache: int = FEATURE_CACHE, **options) -> "Pipeline":
         """Load a released repo (any layout) or a local folder.
 
         Args:
             repo_id_or_dir: e.g. "prism-ml/bonsai-image-ternary-4B-gemlite-2bit", or a folder.
             backend: "auto", "torch", "cuda" or "mlx".
             device, dtype: torch device/dtype for the torch and cuda backends (dtype also names the MLX dtype).
+            feature_cache: how many prompts' features to keep (a repeated prompt skips the text encoder).
             options: passed to the backend's runtime loader.
         """
         chosen = resolve(backend)
         folder = hub.resolve(repo_id_or_dir, revision=revision, local_files_only=local_files_only)
         info = weights.describe(folder)
-        runtime = load_runtime(chosen, folder, device=device, dtype=dtype, **options)
+        text_config = weights.text_encoder_config(folder)
+        runtime = load_runtime(chosen, folder, device=device, dtype=dtype, text_config=text_config, **options)
         tokenizer = load_tokenizer(weights.tokenizer_dir(folder))
         sched_file = folder / "scheduler" / "scheduler_config.json"
         sched = SchedulerConfig.from_json(sched_file) if sched_file.is_file() else SchedulerConfig()
-        return cls(runtime, tokenizer, sched, str(repo_id_or_dir), f"{info.kind}-{info.layout}")
+        return cls(runtime, tokenizer, sched, text_config, str(repo_id_or_dir), f"{info.kind}-{info.layout}",
+                   feature_cache)
 
     @property
     def backend(self) -> str:
         return self.runtime.name
 
     def warmup(self, sizes=((1024, 1024),)) -> dict[tuple[int, int], float]:
-        """Compile, autotune and capture for these (width, height) sizes now, not in the first image.
-
-        Returns seconds per size. Backends without their own warm-up render one 1-step image per size.
-        """
-        for width, height in sizes:
-            check_size(width, height)
-        if hasattr(self.runtime, "warmup"):
-            with self._lock:
-                seconds = self.runtime.warmup([(h, w) for w, h in sizes])  # the runtime takes (height, width)
-            return {(w, h): s for (h, w), s in seconds.items()}
+        """Render a 1-step image per (width, height) now, so that kernel compilation, GEMM choices and graph
+        captures happen here rather than in the first real image. Returns seconds per size."""
+        checked = [params.size(w, h) for w, h in sizes]
         out = {}
-        for width, height in sizes:
+        for width, height in checked:
             t0 = time.perf_counter()
             self("warm-up", width=width, height=height, steps=1, seed=0, progress=False)
             out[(width, height)] = time.perf_counter() - t0
@@ -137,122 +144,130 @@ class Pipeline:
 
     def __call__(self, prompt: str | list[str], width: int | None = None, height: int | None = None,
                  steps: int = 4, seed: int | list[int] | None = None, style: str | None = None,
-                 aspect: str | None = None, long_edge: int | None = None,
-                 callback: Callable[[int, object], None] | None = None, progress: bool = True) -> Result:
+                 aspect: str | None = None, long_edge: int | None = None, batch_size: int = 1,
+                 callback: Callable[[int, object], None] | None = None, cancel: threading.Event | None = None,
+                 progress: bool = True) -> Result:
         """Render one image per prompt.
 
         Args:
             prompt: a prompt or a list of prompts.
             width, height: pixels, multiples of 16 (default 512x512); or `aspect` ("16:9") + `long_edge`.
-            steps: Euler steps (4 is the distilled default).
+            steps: Euler steps, 1 to `bonsai.params.MAX_STEPS` (4 is the distilled default).
             seed: int (image i uses seed + i), a list of ints, or None for random seeds.
             style: one of `bonsai.sizes.STYLES`, appended to every prompt.
-            callback: called as callback(step_index, latents) after each step.
+            batch_size: images denoised together through one forward; each image keeps the pixels its prompt
+                and seed give alone (up to float rounding).
+            callback: called as callback(step_index, latents) after each step of each batch; raising stops.
+            cancel: a threading.Event; once set, the render stops at the next step or stage with
+                `bonsai.errors.Cancelled`.
         Returns:
             Result with `.images` (PIL, metadata in `.info`) and `.report` (stage times, peak memory).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
-        width, height = self._size(width, height, aspect, long_edge)
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        seeds = self._seeds(seed, len(prompts))
-        full_prompts = [sizes.apply_style(p, style) for p in prompts]
-
+        request = params.check(prompt, width, height, steps, seed, style, aspect, long_edge, batch_size)
         with self._lock:
-            return self._render(prompts, full_prompts, seeds, width, height, steps, style, callback, progress)
+            return self._render(request, callback, cancel, progress)
 
-    def _size(self, width, height, aspect, long_edge) -> tuple[int, int]:
-        if aspect is not None or long_edge is not None:
-            if width is not None or height is not None:
-                raise ValueError("pass either width/height or aspect/long_edge, not both")
-            width, height = sizes.size_from_aspect(aspect or "1:1", long_edge or 1024)
-        width = 512 if width is None else width
-        height = 512 if height is None else height
-        sizes.check_size(width, height)
-        return width, height
-
-    @staticmethod
-    def _seeds(seed, n: int) -> list[int]:
-        if seed is None:
-            base = secrets.randbelow(MAX_SEED - n)
-            return [base + i for i in range(n)]
-        seeds = [seed + i for i in range(n)] if isinstance(seed, int) and not isinstance(seed, bool) else list(seed)
-        if len(seeds) != n or not all(isinstance(s, int) and 0 <= s < MAX_SEED for s in seeds):
-            raise ValueError(f"seed must be an int in [0, 2**32) or a list of {n} such ints, got {seed!r}")
-        return seeds
-
-    def _render(self, prompts, full_prompts, seeds, width, height, steps, style, callback, progress) -> Result:
+    def _render(self, req: params.Request, callback, cancel, progress) -> Result:
         from tqdm.auto import tqdm
 
         rt = self.runtime
-        report = Report(backend=rt.name, images=len(prompts))
-        if hasattr(rt, "reset_peak_memory"):
-            rt.reset_peak_memory()
+        report = Report(backend=rt.name, images=len(req.prompts))
+        rt.reset_peak_memory()
         t_start = time.perf_counter()
-
-        # 1. Prompt features, all prompts at once; the text encoder is freed afterwards.
-        input_ids, mask = tokenize(self.tokenizer, full_prompts)
-        features = rt.encode(input_ids, mask)
-        report.encode_s = time.perf_counter() - t_start
-
-        # 2. Shared inputs of the denoise loop.
-        h, w = height // 16, width // 16
-        sigmas = scheduler.sigmas(steps, h * w, self.scheduler_config)
-        img_ids, txt_ids = latents.img_ids(h, w), latents.txt_ids(input_ids.shape[1])
-
-        images = []
-        bar = tqdm(total=steps * len(prompts), disable=not progress, desc="denoise")
-
-        def step(i, x):
-            bar.update(1)
-            if callback is not None:
-                callback(i, x)
-
         try:
-            for n, seed in enumerate(seeds):
-                # 3. One image at a time, so that its seed alone reproduces it exactly.
-                t0 = time.perf_counter()
-                noise = latents.pack(latents.noise(seed, height, width, dtype=rt_noise_dtype(rt)))
-                x = rt.denoise(noise.float(), features[n : n + 1], sigmas, img_ids, txt_ids, callback=step)
-                t1 = time.perf_counter()
-                pixels = rt.decode(x, height, width)
-                report.denoise_s += t1 - t0
-                report.decode_s += time.perf_counter() - t1
-                images.append(self._image(pixels[0], prompts[n], style, seed, width, height, steps))
-        finally:
-            bar.close()
+            # 1. Prompt features (repeated prompts come from the cache).
+            _check_cancel(cancel)
+            features = self._encode(req.full_prompts, report)
+            report.encode_s = time.perf_counter() - t_start
 
+            # 2. What every image of this size shares: schedule and position ids.
+            h, w = latents.latent_size(req.height, req.width)
+            sigmas = scheduler.sigmas(req.steps, h * w, self.scheduler_config)
+            img_ids, txt_ids = latents.img_ids(h, w), latents.txt_ids(self.text_config.max_length)
+
+            # 3. Batches of up to batch_size images through one forward; each image's noise comes from its seed.
+            images = []
+            with tqdm(total=req.steps * len(req.prompts), disable=not progress, desc="denoise") as bar:
+                for start in range(0, len(req.prompts), req.batch_size):
+                    idx = range(start, min(start + req.batch_size, len(req.prompts)))
+                    t0 = time.perf_counter()
+                    noise = torch.cat([latents.pack(latents.noise(req.seeds[i], req.height, req.width,
+                                                                  dtype=rt.dtype)) for i in idx])
+                    cond = rt.condition([features[i] for i in idx], img_ids, txt_ids)
+                    x = rt.latents(noise)
+                    for step, x in sampling.sample(lambda x, t: rt.velocity(x, t, cond), x, sigmas, rt.dtype):
+                        bar.update(len(idx))
+                        if callback is not None:
+                            callback(step, x)
+                        _check_cancel(cancel)
+                    t1 = time.perf_counter()
+                    pixels = rt.decode(x, req.height, req.width)
+                    report.denoise_s += t1 - t0
+                    report.decode_s += time.perf_counter() - t1
+                    images += [self._image(pixels[j], req, i) for j, i in enumerate(idx)]
+        finally:
+            report.peak_memory_gb = rt.peak_memory_gb()
         report.total_s = time.perf_counter() - t_start
-        peak = rt.peak_memory_gb() if hasattr(rt, "peak_memory_gb") else None
-        report.peak_memory_gb = peak if peak is not None else _peak_rss_gb()
-        if hasattr(rt, "memory_report"):
-            report.memory = rt.memory_report()
+        report.memory = rt.memory_report()
         return Result(images, report)
 
-    def _image(self, pixels: np.ndarray, prompt, style, seed, width, height, steps) -> Image.Image:
+    def _encode(self, prompts: tuple[str, ...], report: Report) -> list:
+        """Features [1, S, D] per prompt: cached ones reused, the others encoded in one text-encoder call."""
+        todo = list(dict.fromkeys(p for p in prompts if p not in self._features))
+        if todo:
+            ids, mask = tokenize(self.tokenizer, todo, self.text_config.max_length)
+            encoded = self.runtime.encode(ids, mask)
+            report.encoded = len(todo)
+            for i, p in enumerate(todo):
+                self._features[p] = encoded[i : i + 1]
+        out = []
+        for p in prompts:
+            self._features.move_to_end(p)
+            out.append(self._features[p])
+        while len(self._features) > max(self.feature_cache, len(set(prompts))):
+            self._features.popitem(last=False)
+        return out
+
+    def _image(self, pixels: np.ndarray, req: params.Request, i: int) -> Image.Image:
         img = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
-        meta = dict(prompt=prompt, style=style, seed=seed, width=width, height=height, steps=steps,
-                    model=self.model, variant=self.variant, backend=self.backend, bonsai=__version__)
-        img.info["bonsai"] = json.dumps(meta)
-        for k, v in meta.items():
+        meta = dict(prompt=req.prompts[i], style=req.style, seed=req.seeds[i], width=req.width, height=req.height,
+                    steps=req.steps)
+        about = dict(model=self.model, variant=self.variant, backend=self.backend, bonsai=__version__)
+        img.info["bonsai"] = json.dumps({**meta, **about})
+        for k, v in {**meta, **about}.items():
             img.info[f"bonsai_{k}"] = v
         return img
 
 
-def rt_noise_dtype(rt) -> torch.dtype:
-    """The reference draws noise in the latents' dtype (bf16 on CUDA), so the same seed needs the same dtype."""
-    dtype = getattr(rt, "dtype", torch.float32)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("render cancelled")
+
+
+RENDER_KEYS = ("prompt", "style", "seed", "width", "height", "steps")
 
 
 def metadata(image: Image.Image) -> dict:
-    """The generation parameters stored in a bonsai PNG (`Image.open(path)`), as keyword arguments."""
+    """The generation arguments stored in a bonsai PNG (`Image.open(path)`): `pipe(**metadata(img))` renders it
+    again. `about(image)` gives what it was rendered with (model, variant, backend, bonsai version)."""
+    meta = _stored(image)
+    return {k: meta[k] for k in RENDER_KEYS if k in meta}
+
+
+def about(image: Image.Image) -> dict:
+    """Model, variant, backend and bonsai version stored in a bonsai PNG."""
+    meta = _stored(image)
+    return {k: meta[k] for k in meta if k not in RENDER_KEYS}
+
+
+def _stored(image: Image.Image) -> dict:
     text = getattr(image, "text", None) or image.info
     if "bonsai" not in text:
-        raise ValueError("this image has no bonsai metadata")
-    return json.loads(text["bonsai"])
+        raise BonsaiValueError("this image has no bonsai metadata (a 'bonsai' PNG text chunk)")
+    try:
+        return json.loads(text["bonsai"])
+    except json.JSONDecodeError:
+        raise BonsaiValueError("this image's bonsai metadata is not valid JSON") from None
 
 
-__all__ = ["Pipeline", "Result", "Report", "save_png", "metadata"]
+__all__ = ["Pipeline", "Result", "Report", "save_png", "metadata", "about"]

@@ -1,4 +1,4 @@
-"""Prompt encoding shared by every backend: the Qwen3 chat template, tokenization and the feature layers."""
+"""Prompt encoding shared by every backend: the Qwen3 chat template, tokenization and the feature stacking."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-FEATURE_LAYERS = (9, 18, 27)  # hidden_states indices (0 = embeddings): outputs of decoder layers 9, 18 and 27
-MAX_LENGTH = 512  # the reference CUDA path pads every prompt to 512 tokens; the DiT attends to all of them
+from .errors import BonsaiFileNotFoundError, BonsaiValueError
 
 
 def load_tokenizer(path: str | Path):
@@ -15,8 +14,12 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"missing tokenizer files in {path} (tokenizer_config.json)")
-    return AutoTokenizer.from_pretrained(path)
+        raise BonsaiFileNotFoundError(f"missing tokenizer files in {path} (tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers raises its own exception types for a corrupt tokenizer.json
+        raise BonsaiValueError(f"{path}: tokenizer files cannot be read ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def format_prompt(tokenizer, prompt: str) -> str:
@@ -25,13 +28,18 @@ def format_prompt(tokenizer, prompt: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
-def tokenize(tokenizer, prompts: list[str], max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> input_ids, attention_mask: int64 [B, max_length], right-padded, truncated at max_length."""
+def tokenize(tokenizer, prompts, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> input_ids, attention_mask: int64 [B, max_length], right-padded. A prompt longer than max_length tokens
+    is refused: the reference pipeline would silently cut it."""
     texts = [format_prompt(tokenizer, p) for p in prompts]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+    enc = tokenizer(texts, padding="max_length", truncation=False, max_length=max_length)
+    for i, ids in enumerate(enc["input_ids"]):
+        if len(ids) > max_length:
+            raise BonsaiValueError(f"prompt[{i}] is {len(ids)} tokens with the chat template; the text encoder "
+                                   f"reads at most {max_length}")
+    return torch.tensor(enc["input_ids"], dtype=torch.int64), torch.tensor(enc["attention_mask"], dtype=torch.int64)
 
 
-def stack_features(hidden_states, layers=FEATURE_LAYERS) -> torch.Tensor:
-    """hidden_states tuple (each [B, S, H]) -> [B, S, len(layers) * H], per token [h9 | h18 | h27]."""
+def stack_features(hidden_states, layers) -> torch.Tensor:
+    """hidden_states tuple (each [B, S, H]) -> [B, S, len(layers) * H], per token [h_l1 | h_l2 | ...]."""
     return torch.cat([hidden_states[i] for i in layers], dim=-1)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
+from .errors import BonsaiValueError
+
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch
 MIN_SIZE, MAX_SIZE = 32, 4096
 
@@ -22,12 +27,12 @@ STYLES = {
 
 def check_size(width: int, height: int) -> None:
     for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError(f"{name} must be an integer number of pixels, got {v!r}")
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise BonsaiValueError(f"{name} must be an integer number of pixels, got {v!r}")
         if v % MULTIPLE:
-            raise ValueError(f"{name} must be a multiple of {MULTIPLE}, got {v} (nearest: {snap(v)})")
+            raise BonsaiValueError(f"{name} must be a multiple of {MULTIPLE}, got {v} (nearest: {snap(v)})")
         if not MIN_SIZE <= v <= MAX_SIZE:
-            raise ValueError(f"{name} must be in [{MIN_SIZE}, {MAX_SIZE}], got {v}")
+            raise BonsaiValueError(f"{name} must be in [{MIN_SIZE}, {MAX_SIZE}], got {v}")
 
 
 def snap(v: float) -> int:
@@ -38,18 +43,21 @@ def parse_aspect(aspect: str) -> tuple[float, float]:
     try:
         w, h = (float(p) for p in str(aspect).replace("x", ":").split(":"))
     except ValueError:
-        raise ValueError(f"aspect must look like '16:9', got {aspect!r}") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"aspect must have positive sides, got {aspect!r}")
+        raise BonsaiValueError(f"aspect must look like '16:9', got {aspect!r}") from None
+    if not (math.isfinite(w) and math.isfinite(h) and w > 0 and h > 0):
+        raise BonsaiValueError(f"aspect must have finite positive sides, got {aspect!r}")
+    if max(w, h) / min(w, h) > MAX_SIZE / MIN_SIZE:
+        raise BonsaiValueError(f"aspect {aspect!r} is more extreme than {MAX_SIZE}:{MIN_SIZE}")
     return w, h
 
 
 def size_from_aspect(aspect: str, long_edge: int = 1024) -> tuple[int, int]:
     """(width, height) with the given aspect, the longer side `long_edge`, both snapped to multiples of 16."""
-    if not isinstance(long_edge, int) or isinstance(long_edge, bool) or long_edge < MULTIPLE:
-        raise ValueError(f"long_edge must be an integer >= {MULTIPLE}, got {long_edge!r}")
+    if not isinstance(long_edge, numbers.Integral) or isinstance(long_edge, bool) or not (
+            MIN_SIZE <= long_edge <= MAX_SIZE):
+        raise BonsaiValueError(f"long_edge must be an integer in [{MIN_SIZE}, {MAX_SIZE}], got {long_edge!r}")
     w, h = parse_aspect(aspect)
-    scale = long_edge / max(w, h)
+    scale = int(long_edge) / max(w, h)
     return snap(w * scale), snap(h * scale)
 
 
@@ -58,13 +66,17 @@ def parse_size(size: str) -> tuple[int, int]:
     try:
         w, h = (int(p) for p in str(size).lower().split("x"))
     except ValueError:
-        raise ValueError(f"size must look like 1024x768, got {size!r}") from None
+        raise BonsaiValueError(f"size must look like 1024x768, got {size!r}") from None
     return w, h
 
 
+def check_style(style: str | None) -> str | None:
+    if style is not None and style not in STYLES:
+        raise BonsaiValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    return style
+
+
 def apply_style(prompt: str, style: str | None) -> str:
-    if style is None:
+    if check_style(style) is None:
         return prompt
-    if style not in STYLES:
-        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     return f"{prompt.rstrip().rstrip('.')}, {STYLES[style]}"

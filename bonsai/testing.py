@@ -14,14 +14,14 @@ import torch
 
 from . import weights
 from .config import TransformerConfig, VAEConfig
-from .prompt import FEATURE_LAYERS
 from .convert import config_json
 from .convert import write_transformer as write_layout
 from .quant import LowBitWeight
 from .quant.qwen4bit import mlx4_pack, pack_4bit_u8
 
 TINY_TE_HIDDEN = 64
-TINY_FEATURE_LAYERS = FEATURE_LAYERS  # tiny encoders have 28 narrow layers, so the real layers 9/18/27 apply
+TINY_TE_LAYERS = 4  # one past the last feature layer, as in klein (27 of 36): the last layer's output is normed
+TINY_FEATURE_LAYERS = (1, 2, 3)  # written into the tiny text encoder's config.json (`feature_layers`)
 TINY_TRANSFORMER = TransformerConfig(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
                                      joint_attention_dim=3 * TINY_TE_HIDDEN, axes_dims_rope=(8, 8, 8, 8))
 TINY_VAE = VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
@@ -80,10 +80,13 @@ def write_transformer(folder: str | Path, layout: str, kind: str, config: Transf
 # --- text encoder -----------------------------------------------------------------------------------------------
 
 
-def tiny_text_encoder_config(vocab_size: int, hidden: int = TINY_TE_HIDDEN, layers: int = 28):
+def tiny_text_encoder_config(vocab_size: int, hidden: int = TINY_TE_HIDDEN, layers: int = TINY_TE_LAYERS,
+                             feature_layers: tuple[int, ...] | None = None):
+    """A narrow Qwen3 config; `feature_layers` (if given) is stored in it, as bonsai reads it from config.json."""
     import transformers
 
-    return transformers.Qwen3Config(
+    extra = {} if feature_layers is None else {"feature_layers": list(feature_layers)}
+    return transformers.Qwen3Config(**extra,
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6,
         tie_word_embeddings=True, max_position_embeddings=1024, architectures=["Qwen3ForCausalLM"])
@@ -305,6 +308,16 @@ def write_vae(folder: Path, config: VAEConfig = TINY_VAE, seed: int = 0) -> dict
 
 # --- whole repos ------------------------------------------------------------------------------------------------
 
+
+def feature_layers(text_encoder_layers: int) -> tuple[int, ...] | None:
+    n = text_encoder_layers
+    if n >= 27:
+        return None
+    if n < 4:
+        raise ValueError(f"a tiny text encoder needs at least 4 layers for its 3 feature layers, got {n}")
+    return (n // 4, n // 2, 3 * n // 4)
+
+
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
                     "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                     "max_image_seq_len": 4096, "time_shift_type": "exponential"}
@@ -312,9 +325,12 @@ SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train
 
 def write_repo(path: str | Path, layout: str = "gemlite", kind: str = "ternary",
                transformer_config: TransformerConfig = TINY_TRANSFORMER, seed: int = 0,
-               vae_config: VAEConfig = TINY_VAE, text_encoder_layers: int = 28) -> Path:
+               vae_config: VAEConfig = TINY_VAE, text_encoder_layers: int = TINY_TE_LAYERS) -> Path:
     """A complete repo in a released layout: transformer, text encoder (HQQ for gemlite and compact, MLX 4-bit for
-    mlx, dense for unpacked), VAE, tokenizer, scheduler, model_index.json and manifest.json."""
+    mlx, dense for unpacked), VAE, tokenizer, scheduler, model_index.json and manifest.json.
+
+    A text encoder of n < 27 layers reads the features after layers (n/4, n/2, 3n/4) as klein does for n = 36,
+    stated in its config.json; one of 27 or more reads klein's (9, 18, 27)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_transformer(path, layout, kind, transformer_config, seed)
@@ -324,7 +340,7 @@ def write_repo(path: str | Path, layout: str = "gemlite", kind: str = "ternary",
     if layout != "gemlite":  # [U] whether gemlite repos have a top-level tokenizer/: we write none, to test without
         write_tokenizer(path / "tokenizer")
     te_config = tiny_text_encoder_config(vocab, hidden=transformer_config.joint_attention_dim // 3,
-                                         layers=text_encoder_layers)
+                                         layers=text_encoder_layers, feature_layers=feature_layers(text_encoder_layers))
     te_state = random_text_encoder(te_config, seed + 1)
     {"mlx": write_mlx_text_encoder, "unpacked": write_dense_text_encoder}.get(layout, write_hqq_text_encoder)(
         path, te_config, te_state)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import KLEIN_4B, TransformerConfig, VAEConfig, read_json
+from .config import KLEIN_4B, TextEncoderConfig, TransformerConfig, VAEConfig, read_json
 from .quant import LowBitWeight
 from .quant.lowbit import BITS
 from .quant.qwen4bit import hqq_to_dense, mlx4_to_dense
@@ -401,11 +401,20 @@ def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torc
     return qwen3_config(cfg, n), state
 
 
+def text_encoder_config(folder: str | Path) -> TextEncoderConfig:
+    """The feature layers and prompt length of a repo's text encoder (see TextEncoderConfig)."""
+    _, path = find_text_encoder(folder)
+    cfg = read_json(path / "config.json")
+    return TextEncoderConfig.from_dict({"num_hidden_layers": cfg.get("num_hidden_layers"),
+                                        **{k: cfg[k] for k in ("feature_layers", "max_length") if k in cfg}},
+                                       str(path / "config.json"))
+
+
 def qwen3_config(cfg: dict, layers: int):
     """A transformers Qwen3Config of the first `layers` decoder layers."""
     import transformers
 
-    cfg = {**cfg, "num_hidden_layers": layers}
+    cfg = {**{k: v for k, v in cfg.items() if k not in ("feature_layers", "max_length")}, "num_hidden_layers": layers}
     if cfg.get("layer_types"):
         cfg["layer_types"] = cfg["layer_types"][:layers]
     return transformers.Qwen3Config(**cfg)

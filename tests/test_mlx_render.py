@@ -17,8 +17,9 @@ import test_mlx_transformer as tr_case  # noqa: E402
 import test_mlx_vae as vae_case  # noqa: E402
 
 from bonsai import latents as L  # noqa: E402
+from bonsai import sampling  # noqa: E402
 from bonsai.backends.mlx.runtime import MLXRuntime, summarize  # noqa: E402
-from bonsai.config import TransformerConfig, VAEConfig  # noqa: E402
+from bonsai.config import TextEncoderConfig, TransformerConfig, VAEConfig  # noqa: E402
 
 HIDDEN = 128  # tiny Qwen3 hidden size -> joint_attention_dim = 3 * 128
 LAYERS = te_case.LAYERS
@@ -75,15 +76,18 @@ def test_tiny_render_matches_torch_reference(tmp_path, kind):
     seed = 1234
     want = torch_render(config, ref_tr, te_config, te_state, vae, ids, mask, seed)
 
-    rt = MLXRuntime.load(tmp_path, dtype="float32", layers=LAYERS)
+    rt = MLXRuntime.load(tmp_path, dtype="float32",
+                         text_config=TextEncoderConfig(feature_layers=LAYERS, num_hidden_layers=5))
     assert rt.name == "mlx" and rt.kind == kind and rt.dtype == torch.float32
     rt.reset_peak_memory()
     features = rt.encode(ids, mask)
-    assert rt._text_encoder is None  # freed after encoding
+    assert not rt.text_encoder.resident  # freed after encoding
     h, w = L.latent_size(HEIGHT, WIDTH)
+    cond = rt.condition([features], L.img_ids(h, w), L.txt_ids(ids.shape[1]))
     steps = []
-    x = rt.denoise(L.pack(L.noise(seed, HEIGHT, WIDTH)).float(), features, SIGMAS, L.img_ids(h, w),
-                   L.txt_ids(ids.shape[1]), callback=lambda i, x: steps.append(i))
+    x = rt.latents(L.pack(L.noise(seed, HEIGHT, WIDTH)))
+    for i, x in sampling.sample(lambda x, t: rt.velocity(x, t, cond), x, SIGMAS, rt.dtype):
+        steps.append(i)
     got = rt.decode(x, HEIGHT, WIDTH)
     assert steps == [0, 1, 2]
     assert got.dtype == np.uint8 and got.shape == want.shape == (1, HEIGHT, WIDTH, 3)

@@ -56,7 +56,7 @@ def test_pipeline_matches_diffusers(tmp_path, layout, kind):
         return kw
 
     out = ref(prompt="a red fox in snow", height=64, width=96, num_inference_steps=4, guidance_scale=1.0,
-              generator=torch.Generator("cpu").manual_seed(3), output_type="np", text_encoder_out_layers=(9, 18, 27),
+              generator=torch.Generator("cpu").manual_seed(3), output_type="np", text_encoder_out_layers=testing.TINY_FEATURE_LAYERS,
               callback_on_step_end=grab)
     ours = {}
     result = pipe("a red fox in snow", width=96, height=64, seed=3, progress=False,
@@ -79,10 +79,10 @@ def test_same_seed_same_image_and_metadata(pipe, tmp_path):
     path = tmp_path / "x.png"
     a.save(path)
     meta = bonsai.pipeline.metadata(Image.open(path))
-    assert meta["seed"] == 11 and meta["prompt"] == "a lighthouse" and meta["style"] == "sketch"
-    assert meta["width"] == 64 and meta["steps"] == 4 and meta["backend"] == "torch"
-    assert meta["variant"] == "ternary-gemlite"
-    again = pipe(**{k: meta[k] for k in ("prompt", "style", "seed", "width", "height", "steps")}, progress=False)
+    assert meta == dict(prompt="a lighthouse", style="sketch", seed=11, width=64, height=64, steps=4)
+    about = bonsai.pipeline.about(Image.open(path))
+    assert about["backend"] == "torch" and about["variant"] == "ternary-gemlite" and about["bonsai"]
+    again = pipe(**meta, progress=False)
     assert np.array_equal(np.asarray(again.image), np.asarray(Image.open(path).convert("RGB")))
     r = a.report
     assert r.encode_s > 0 and r.denoise_s > 0 and r.decode_s > 0 and r.total_s >= r.denoise_s

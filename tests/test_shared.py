@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from bonsai.errors import BonsaiValueError
 from bonsai import prompt, scheduler, sizes, testing, weights
 from bonsai.config import SchedulerConfig
 
@@ -39,14 +40,18 @@ def tokenizer(tmp_path_factory):
 def test_chat_template_and_padding(tokenizer):
     text = prompt.format_prompt(tokenizer, "a cat")
     assert text == "<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-    ids, mask = prompt.tokenize(tokenizer, ["a cat", "a much longer prompt about dogs"])
+    ids, mask = prompt.tokenize(tokenizer, ["a cat", "a much longer prompt about dogs"], 512)
     assert ids.shape == mask.shape == (2, 512) and ids.dtype == torch.int64
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     n = int(mask[0].sum())
     assert mask[0, :n].all() and not mask[0, n:].any() and (ids[0, n:] == pad).all()  # right padding
     assert ids[0, 0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
-    long_ids, long_mask = prompt.tokenize(tokenizer, ["word " * 400])
-    assert long_ids.shape == (1, 512) and long_mask.all()  # truncated, like the reference
+    long = "word " * 40
+    n = len(tokenizer(prompt.format_prompt(tokenizer, long))["input_ids"])
+    full_ids, full_mask = prompt.tokenize(tokenizer, ["ok", long], n)
+    assert full_ids.shape == (2, n) and full_mask[1].all()
+    with pytest.raises(BonsaiValueError, match=rf"prompt\[1\] is {n} tokens .* at most {n - 1}"):
+        prompt.tokenize(tokenizer, ["ok", long], n - 1)  # the reference would cut it silently
 
 
 def test_text_features_are_hidden_states_9_18_27(tmp_path):
@@ -65,9 +70,9 @@ def test_text_features_are_hidden_states_9_18_27(tmp_path):
     with torch.no_grad():
         hs = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
     want = torch.cat([hs[9], hs[18], hs[27]], dim=-1)
-    model = load_text_encoder(config, state, layers=prompt.FEATURE_LAYERS)
+    model = load_text_encoder(config, state, layers=(9, 18, 27))
     assert len(model.layers) == 27
-    got = encode(model, ids, mask)
+    got = encode(model, ids, mask, (9, 18, 27))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

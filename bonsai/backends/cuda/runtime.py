@@ -1,4 +1,5 @@
-"""CUDA runtime: the torch runtime on a CUDA device with CUDA low-bit linears (our fast path or gemlite)."""
+"""CUDA runtime: the torch runtime on a CUDA device with CUDA low-bit linears (our fast path or gemlite), each
+transformer forward replayed from a CUDA graph captured once per input shape."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from pathlib import Path
 
 import torch
 
-from ..torch.runtime import TorchRuntime
+from ... import weights
+from ...config import TextEncoderConfig
+from ..torch.runtime import Cond, LazyModel, TorchRuntime
+from ..torch.text_encoder import load_text_encoder
+from ..torch.transformer import load_transformer
+from ..torch.vae import load_vae_decoder
 from . import choice
 from .linear import LINEARS, FastInt4Linear, make_linear_factory, release_scratch, scratch_buffers
 
@@ -17,14 +23,8 @@ log = logging.getLogger(__name__)
 __all__ = ["CudaRuntime", "LINEARS"]
 
 
-def _gemlite_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("transformer-gemlite-*") if p.is_dir())
-
-
 def _load_gemlite_transformer(folder: Path, device, dtype):
     """A released gemlite repo straight into gemlite layers: the stored W_q/scales/zeros, no repacking."""
-    from ... import weights
-    from ..torch.transformer import load_transformer
     from . import gemlite
 
     config, quant_config, state = weights.read_gemlite_state(folder)
@@ -44,10 +44,24 @@ class CudaRuntime(TorchRuntime):
 
     name = "cuda"
 
+    def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype, *,
+                 linear: str, activations: str | None, cuda_graphs: bool, autotune_file: Path | None,
+                 load_seconds: float):
+        super().__init__(transformer, vae, text_encoder, text_config, device, dtype)
+        self.linear, self.activations = linear, activations
+        self.cuda_graphs = cuda_graphs
+        self.autotune_file = autotune_file
+        self.load_seconds = load_seconds
+        self.resident_gb = torch.cuda.memory_allocated(self.device) / 1e9
+        self._graphs: dict[tuple, GraphedForward] = {}
+        self._graph_pool = None
+        self._choices_saved = len(choice.table())
+
     @classmethod
-    def load(cls, folder, device=None, dtype=None, linear: str = "auto", activations: str | None = None,
-             text_encoder: str = "4bit", keep_text_encoder: bool = False, autotune_file: str | Path | None = None,
-             cuda_graphs: bool = True, compile: bool = False, **options):
+    def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
+             linear: str = "auto", activations: str | None = None, text_encoder: str = "4bit",
+             keep_text_encoder: bool = False, autotune_file: str | Path | None = None, cuda_graphs: bool = True,
+             compile: bool = False) -> "CudaRuntime":
         """linear: "auto" (per shape, the faster of "expand" and "fused", measured once and cached), "expand"
         (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop) or "gemlite".
         dtype: bf16 (default) or fp16. activations="fp8": e4m3 activations per token and 128-group into our
@@ -86,182 +100,112 @@ class CudaRuntime(TorchRuntime):
             gemlite.load_autotune(tune)
         else:
             choice.load(choice.cache_path())
-        if linear == "gemlite" and _gemlite_dirs(folder):
-            from ... import weights
-            from ..torch.vae import load_vae_decoder
-
+        if linear == "gemlite" and weights.find_transformer(folder)[0] == "gemlite":
             transformer = _load_gemlite_transformer(folder, device, dtype)
-            vae_config, vae_state = weights.read_vae(folder)
-            vae = load_vae_decoder(vae_state, vae_config, device=device, dtype=dtype)
-            rt = cls(folder, transformer, vae, device, dtype, options.get("layers", _default_layers()),
-                     keep_text_encoder)
         else:
-            rt = super().load(folder, device=device, dtype=dtype, make_linear=make_linear,
-                              keep_text_encoder=keep_text_encoder, **options)
-        rt.linear, rt.activations, rt.text_encoder = linear, activations, text_encoder
-        rt._choices_saved = len(choice.table())
-        rt.autotune_file = tune
-        rt.configure(cuda_graphs=cuda_graphs, compile=compile)
-        torch.cuda.synchronize(device)
-        rt.load_seconds = time.perf_counter() - t0
-        rt.resident_gb = torch.cuda.memory_allocated(device) / 1e9
-        return rt
-
-    def _load_text_encoder(self):
-        from ... import weights
-
-        if (self._text_encoder is None and getattr(self, "text_encoder", "dense") == "4bit"
-                and weights.find_text_encoder(self.folder)[0] == "hqq"):
-            from ..torch.text_encoder import load_text_encoder
-
-            config, state = weights.read_text_encoder(self.folder, layers=max(self.layers), dtype=self.dtype,
-                                                      packed=True, device=self.device)
-            self._text_encoder = load_text_encoder(config, state, device=self.device, dtype=self.dtype,
-                                                   layers=self.layers, make_linear=FastInt4Linear)
-        return super()._load_text_encoder()
-
-    def configure(self, cuda_graphs: bool = True, compile: bool = False) -> None:
-        """Set the denoise-loop execution options (see `load`); drops captured graphs."""
-        self.cuda_graphs = bool(cuda_graphs)
-        self._graphs = {}
-        self._graph_pool = None
-        if compile and not getattr(self, "compiled", False):
+            tw = weights.read_transformer(folder, device=device)
+            transformer = load_transformer(tw.tensors, tw.config, device=device, dtype=dtype, make_linear=make_linear)
+            del tw
+        if compile:
             # Blocks of one class share their compiled code: parameters are graph inputs, not constants.
-            for block in list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks):
+            for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
                 block.compile()
-            self.compiled = True
+        vae_config, vae_state = weights.read_vae(folder)
+        vae = load_vae_decoder(vae_state, vae_config, device=device, dtype=dtype)
+        packed_te = text_encoder == "4bit" and weights.find_text_encoder(folder)[0] == "hqq"
 
-    def _graphed_forward(self, x, features, img_ids, txt_ids) -> "GraphedForward":
-        key = (tuple(x.shape), tuple(features.shape), tuple(img_ids.shape), tuple(txt_ids.shape))
+        def load_te():
+            config, state = weights.read_text_encoder(folder, layers=text_config.layers_needed, dtype=dtype,
+                                                      packed=packed_te, device=device if packed_te else None)
+            return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers,
+                                     make_linear=FastInt4Linear if packed_te else None)
+
+        te = LazyModel(load_te, keep_text_encoder, free=torch.cuda.empty_cache)
+        torch.cuda.synchronize(device)
+        return cls(transformer, vae, te, text_config, device, dtype, linear=linear, activations=activations,
+                   cuda_graphs=bool(cuda_graphs), autotune_file=tune, load_seconds=time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def condition(self, features, img_ids, txt_ids):
+        """Eager: features and RoPE on the device. With CUDA graphs: the graph captured for these shapes (once,
+        on first use), its static inputs set to this batch; valid until the next `condition` of the same shapes."""
+        cond = super().condition(features, img_ids, txt_ids)
+        if not self.cuda_graphs:
+            return cond
+        x_shape = (cond.features.shape[0], img_ids.shape[-2], self.transformer.config.in_channels)
+        key = (x_shape, tuple(cond.features.shape), tuple(cond.rope.shape))
         graphed = self._graphs.get(key)
         if graphed is None:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()  # one pool: graphs never run concurrently
-            graphed = self._graphs[key] = GraphedForward(self.transformer, x, features, img_ids, txt_ids,
+            graphed = self._graphs[key] = GraphedForward(self.transformer, x_shape, cond, self.dtype,
                                                          pool=self._graph_pool)
-        graphed.set_context(features, img_ids, txt_ids)
+            self._save_tuning()
+        graphed.set_context(cond)
         return graphed
 
     @torch.inference_mode()
-    def denoise(self, noise, features, sigmas, img_ids, txt_ids, callback=None) -> torch.Tensor:
-        """Euler flow matching like TorchRuntime.denoise; with cuda_graphs, each step replays a captured forward."""
-        if not getattr(self, "cuda_graphs", False):
-            x = super().denoise(noise, features, sigmas, img_ids, txt_ids, callback)
-            self._save_choices()
-            return x
-        x = noise.to(self.device, self.dtype)
-        features = features.to(self.device, self.dtype)
-        run = self._graphed_forward(x, features, img_ids, txt_ids)
-        sig = torch.as_tensor(sigmas, dtype=torch.float32)
-        timesteps = sig[:-1] * 1000
-        for i in range(len(sigmas) - 1):
-            t = timesteps[i].expand(x.shape[0]).to(self.device, self.dtype) / 1000
-            v = run(x, t)
-            # Step in fp32 then cast back, as FlowMatchEulerDiscreteScheduler.step does.
-            x = (x.float() + (sig[i + 1] - sig[i]).to(self.device) * v.float()).to(self.dtype)
-            if callback is not None:
-                callback(i, x)
-        self._save_choices()
-        return x
-
-    def _save_choices(self) -> None:
-        """Persist our per-shape GEMM choices when this render measured new ones (the next process skips that)."""
-        if len(choice.table()) > getattr(self, "_choices_saved", 0):
-            choice.save(choice.cache_path())
-            self._choices_saved = len(choice.table())
+    def velocity(self, x: torch.Tensor, timestep: float, cond) -> torch.Tensor:
+        if isinstance(cond, GraphedForward):
+            return cond(x, timestep)
+        return super().velocity(x, timestep, cond)
 
     @torch.inference_mode()
-    def warmup(self, sizes=((1024, 1024),), text_tokens: int = 512) -> dict[tuple[int, int], float]:
-        """One denoise step per (height, width), so Triton JIT, our GEMM choice and gemlite autotuning happen now
-        rather than in the first image; persists the tuned configs and choices. Returns seconds per size."""
-        from ... import latents
+    def decode(self, latents: torch.Tensor, height: int, width: int):
+        self._save_tuning()  # eager renders measure GEMM choices in their first steps
+        return super().decode(latents, height, width)
 
-        cfg = self.transformer.config
-        out = {}
-        for height, width in sizes:
-            h, w = latents.latent_size(height, width)
-            noise = torch.zeros(1, h * w, cfg.in_channels)
-            feats = torch.zeros(1, text_tokens, cfg.joint_attention_dim, device=self.device, dtype=self.dtype)
-            t0 = time.perf_counter()
-            self.denoise(noise, feats, [1.0, 0.0], latents.img_ids(h, w), latents.txt_ids(text_tokens))
-            torch.cuda.synchronize(self.device)
-            out[(height, width)] = time.perf_counter() - t0
-        if getattr(self, "linear", None) == "gemlite" and self.autotune_file is not None:
+    def _save_tuning(self) -> None:
+        """Persist new per-shape GEMM choices and gemlite configs, so that the next process skips measuring."""
+        if len(choice.table()) > self._choices_saved:
+            choice.save(choice.cache_path())
+            self._choices_saved = len(choice.table())
+        if self.linear == "gemlite" and self.autotune_file is not None:
             from . import gemlite
 
             gemlite.save_autotune(self.autotune_file)
-        return out
 
     def memory_report(self) -> dict[str, float]:
         """GPU memory in GB: resident after load, allocated now, and the peak since the last reset."""
-        return dict(resident_gb=getattr(self, "resident_gb", float("nan")),
-                    allocated_gb=torch.cuda.memory_allocated(self.device) / 1e9,
-                    peak_gb=torch.cuda.max_memory_allocated(self.device) / 1e9)
+        return dict(resident_gb=self.resident_gb, **super().memory_report())
 
     def release(self) -> None:
         """Drop captured graphs, the shared expand scratch (re-made on the next call) and cached allocator blocks."""
-        self._graphs = {}
+        self._graphs.clear()
         self._graph_pool = None
         release_scratch()
         torch.cuda.empty_cache()
 
 
 class GraphedForward:
-    """One CUDA graph of `transformer(x, features, t, img_ids, txt_ids)` for fixed shapes; call(x, t) replays it.
+    """One CUDA graph of the transformer forward for fixed shapes: `set_context` fills the static conditioning,
+    `graphed(x, timestep)` replays it."""
 
-    The RoPE tables are built outside the graph (the model builds them on the host) and fed as static buffers.
-    """
-
-    def __init__(self, model, x, features, img_ids, txt_ids, pool=None):
-        device = x.device
-        self.model = model
-        self.x, self.c = x.clone(), features.clone()
-        self.t = torch.zeros(x.shape[0], device=device, dtype=x.dtype)
-        self.img, self.txt = img_ids.clone(), txt_ids.clone()
-        self.rope = model.rope(img_ids, txt_ids, device).clone()
-        with _static_rope(model, self.rope):
-            # Eager warmup on a side stream first: Triton JIT, gemlite autotuning and the expand scratch all
-            # allocate or synchronize, which a capture must not do.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                model(self.x, self.c, self.t, self.img, self.txt)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.out = model(self.x, self.c, self.t, self.img, self.txt)
+    def __init__(self, model, x_shape: tuple[int, int, int], cond: Cond, dtype: torch.dtype, pool=None):
+        device = cond.features.device
+        self.x = torch.randn(x_shape, device=device, dtype=dtype)  # the warmup measures GEMMs: not on zeros
+        self.t = torch.zeros(x_shape[0], device=device, dtype=dtype)
+        self.features, self.rope = cond.features.clone(), cond.rope.clone()
+        # Eager warmup on a side stream first: Triton JIT, GEMM choices, gemlite autotuning and the expand scratch
+        # all allocate or synchronize, which a capture must not do.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            model(self.x, self.features, self.t, rope=self.rope)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = model(self.x, self.features, self.t, rope=self.rope)
         # The kernels were captured against these scratch buffers: keep them alive even if the shared scratch
         # is released or regrown later.
         self.scratch = scratch_buffers()
 
-    def set_context(self, features, img_ids, txt_ids) -> None:
-        self.c.copy_(features)
-        if not (torch.equal(img_ids.cpu(), self.img.cpu()) and torch.equal(txt_ids.cpu(), self.txt.cpu())):
-            self.img.copy_(img_ids)
-            self.txt.copy_(txt_ids)
-            self.rope.copy_(self.model.rope(img_ids, txt_ids, self.x.device))
+    def set_context(self, cond: Cond) -> None:
+        self.features.copy_(cond.features)
+        self.rope.copy_(cond.rope)
 
-    def __call__(self, x, t) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, timestep: float) -> torch.Tensor:
         self.x.copy_(x)
-        self.t.copy_(t)
+        self.t.fill_(timestep)
         self.graph.replay()
         return self.out
-
-
-class _static_rope:
-    """Make `model.rope(...)` return fixed tensors for the duration of a capture."""
-
-    def __init__(self, model, rope):
-        self.model, self.rope = model, rope
-
-    def __enter__(self):
-        self.model.rope = lambda *args, **kwargs: self.rope
-
-    def __exit__(self, *exc):
-        del self.model.rope
-
-
-def _default_layers():
-    from ...prompt import FEATURE_LAYERS
-
-    return FEATURE_LAYERS

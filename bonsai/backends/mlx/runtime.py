@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import gc
-import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from ...config import VAEConfig
+from ...config import TextEncoderConfig, VAEConfig
+from ...memory import SAMPLE_EVERY_S, MemorySampler, summarize
+from ..torch.runtime import LazyModel
 from . import mx_dtype, to_mx
-from .text_encoder import DEFAULT_LAYERS, encode as encode_text, load_text_encoder_folder
+from .text_encoder import encode as encode_text, load_text_encoder_folder
 from .transformer import load_transformer_folder
 from .vae import load_vae_decoder
-
-SAMPLE_EVERY_S = 0.05
 
 
 def default_dtype() -> str:
@@ -33,45 +31,12 @@ def dtype_name(dtype) -> str:
     return name
 
 
-class MemorySampler:
-    """Samples mx.get_active_memory() every 50 ms in a background thread while a stage runs."""
+@dataclass(frozen=True)
+class Cond:
+    """One batch's conditioning: features [B, S, D] and RoPE (cos, sin) float32 [S + N_img, head_dim]."""
 
-    def __init__(self, every_s: float = SAMPLE_EVERY_S):
-        self.every_s = every_s
-        self.samples: list[tuple[float, int]] = []  # (time, active bytes)
-        self._stop = threading.Event()
-        self._thread = None
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), mx.get_active_memory()))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.samples.append((time.perf_counter(), mx.get_active_memory()))
-
-    def summary(self) -> dict:
-        return summarize(self.samples)
-
-
-def summarize(samples: list[tuple[float, int]]) -> dict:
-    """(time, bytes) samples -> seconds, GB*s (trapezoid integral), mean and max active GB."""
-    if len(samples) < 2:
-        gb = samples[0][1] / 1e9 if samples else 0.0
-        return {"seconds": 0.0, "gb_s": 0.0, "mean_active_gb": gb, "max_active_gb": gb, "samples": len(samples)}
-    t = np.array([s[0] for s in samples])
-    gb = np.array([s[1] for s in samples]) / 1e9
-    seconds = float(t[-1] - t[0])
-    gb_s = float(np.sum((gb[1:] + gb[:-1]) / 2 * np.diff(t)))
-    return {"seconds": seconds, "gb_s": gb_s, "mean_active_gb": gb_s / seconds if seconds > 0 else float(gb.mean()),
-            "max_active_gb": float(gb.max()), "samples": len(samples)}
+    features: mx.array
+    rope: tuple[mx.array, mx.array]
 
 
 class MLXRuntime:
@@ -79,26 +44,24 @@ class MLXRuntime:
 
     name = "mlx"
 
-    def __init__(self, folder: Path, transformer, kind: str, vae, dtype: str, layers, keep_text_encoder: bool,
-                 vae_max_memory_gb: float | None):
+    def __init__(self, transformer, kind: str, vae, text_encoder: LazyModel, text_config: TextEncoderConfig,
+                 dtype: str, vae_max_memory_gb: float | None):
         import torch
 
-        self.folder = folder
         self.transformer = transformer
         self.kind = kind
         self.vae = vae
+        self.text_encoder = text_encoder
+        self.text_config = text_config
         self.mx_dtype = mx_dtype(dtype)
         self.dtype = getattr(torch, dtype)  # the pipeline draws the seed's noise in this dtype, as the reference
-        self.layers = tuple(layers)
-        self.keep_text_encoder = keep_text_encoder
         self.vae_max_memory_gb = vae_max_memory_gb
-        self._text_encoder = None
         self._stages: dict[str, list[dict]] = {}
         self._samples: list[tuple[float, int]] = []
 
     @classmethod
-    def load(cls, folder, dtype=None, layers=DEFAULT_LAYERS, dense: bool = False, keep_text_encoder: bool = False,
-             vae_max_memory_gb: float | None = None) -> "MLXRuntime":
+    def load(cls, folder, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(), dense: bool = False,
+             keep_text_encoder: bool = False, vae_max_memory_gb: float | None = None) -> "MLXRuntime":
         """dtype: "float16" | "bfloat16" | "float32" (None: fp16 on Metal, fp32 on CPU).
 
         dense=True dequantizes the low-bit linears into plain matmuls (the benchmark's baseline).
@@ -109,8 +72,9 @@ class MLXRuntime:
         dtype = dtype_name(dtype)
         transformer, kind = load_transformer_folder(folder, dtype=dtype, dense=dense)
         vae = load_vae_decoder(*read_vae(folder), dtype=dtype)
-        return cls(folder, transformer, "dense" if dense else kind, vae, dtype, layers, keep_text_encoder,
-                   vae_max_memory_gb)
+        te = LazyModel(lambda: load_text_encoder_folder(folder, layers=text_config.feature_layers, dtype=dtype),
+                       keep_text_encoder, free=mx.clear_cache)
+        return cls(transformer, "dense" if dense else kind, vae, te, text_config, dtype, vae_max_memory_gb)
 
     # --- memory proxy ---
 
@@ -123,7 +87,7 @@ class MLXRuntime:
                 runtime._samples.extend(self.samples)
                 runtime._stages.setdefault(stage, []).append(self.summary())
 
-        return _Stage()
+        return _Stage(mx.get_active_memory)
 
     def reset_peak_memory(self):
         """Start a new render record (the pipeline calls this before each render)."""
@@ -146,46 +110,31 @@ class MLXRuntime:
 
     # --- stages ---
 
-    def _load_text_encoder(self):
-        if self._text_encoder is None:
-            self._text_encoder = load_text_encoder_folder(self.folder, layers=self.layers, dtype=self.mx_dtype)
-        return self._text_encoder
-
     def encode(self, input_ids, attention_mask) -> mx.array:
         """int64 [B, S] ids and mask (torch CPU) -> features mx [B, S, len(layers) * hidden] in the runtime dtype."""
         with self._sampled("encode"):
-            model = self._load_text_encoder()
-            features = encode_text(model, input_ids, attention_mask, self.layers).astype(self.mx_dtype)
-            mx.eval(features)
-            if not self.keep_text_encoder:
-                self._text_encoder = None
-                del model
-                gc.collect()
-                mx.clear_cache()
+            try:
+                model = self.text_encoder.get()
+                features = encode_text(model, input_ids, attention_mask, self.text_config.feature_layers)
+                features = features.astype(self.mx_dtype)
+                mx.eval(features)
+            finally:
+                self.text_encoder.done()
         return features
 
-    def denoise(self, noise, features, sigmas, img_ids, txt_ids, callback=None) -> mx.array:
-        """Euler flow matching. noise: float32 torch CPU [B, N_img, C] packed; sigmas: descending, ending with 0."""
-        sig = [float(s) for s in sigmas]
-        if len(sig) < 2 or sig[-1] != 0.0:
-            raise ValueError(f"sigmas must hold at least two values and end with 0.0, got {sig}")
+    def latents(self, noise) -> mx.array:
+        return to_mx(noise, mx.float32).astype(self.mx_dtype)
+
+    def condition(self, features, img_ids, txt_ids) -> Cond:
+        return Cond(mx.concatenate([to_mx(f).astype(self.mx_dtype) for f in features]),
+                    self.transformer.rope(img_ids, txt_ids))
+
+    def velocity(self, x: mx.array, timestep: float, cond: Cond) -> mx.array:
         with self._sampled("denoise"):
-            x = to_mx(noise, mx.float32).astype(self.mx_dtype)
-            features = to_mx(features).astype(self.mx_dtype)
-            if features.shape[0] != x.shape[0]:
-                raise ValueError(f"features batch {features.shape[0]} != noise batch {x.shape[0]}")
-            rope = self.transformer.rope(img_ids, txt_ids)  # shared tables, once per render
-            batch = x.shape[0]
-            for i in range(len(sig) - 1):
-                # The reference passes timestep = dtype(sigma * 1000) / 1000; the model multiplies by 1000 again.
-                t = mx.full((batch,), sig[i] * 1000, mx.float32).astype(self.mx_dtype) / 1000
-                v = self.transformer(x, features, t, rope=rope)
-                # Step in fp32 then cast back, as FlowMatchEulerDiscreteScheduler.step does.
-                x = (x.astype(mx.float32) + (sig[i + 1] - sig[i]) * v.astype(mx.float32)).astype(self.mx_dtype)
-                mx.eval(x)
-                if callback is not None:
-                    callback(i, x)
-        return x
+            t = mx.full((x.shape[0],), timestep, self.mx_dtype)
+            v = self.transformer(x, cond.features, t, rope=cond.rope)
+            mx.eval(v)
+        return v
 
     def decode(self, latents, height: int, width: int) -> np.ndarray:
         """Packed latents [B, N_img, C] (mx, torch or numpy) -> numpy uint8 [B, H, W, 3]."""

@@ -14,7 +14,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ...config import read_json
-from ...prompt import FEATURE_LAYERS as DEFAULT_LAYERS
+from ...config import TextEncoderConfig
+
+DEFAULT_LAYERS = TextEncoderConfig.feature_layers  # the dataclass default: klein's (9, 18, 27)
 from . import mx_dtype, to_mx
 
 MLX_TE_DIR = "text_encoder-mlx-4bit"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ... import weights
-from ...prompt import FEATURE_LAYERS
+from ...config import TextEncoderConfig
+from ...memory import MemorySampler, rss_bytes
 from .linear import LowBitLinear
 from .text_encoder import encode as encode_text
 from .text_encoder import load_text_encoder
@@ -16,28 +19,62 @@ from .transformer import load_transformer
 from .vae import load_vae_decoder
 
 
+ENCODE_BATCH = 8  # prompts per text-encoder forward: bounds its activations (512 tokens each)
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+class LazyModel:
+    """A model loaded on first use and, unless kept resident, dropped after each use."""
+
+    def __init__(self, load: Callable[[], object], keep: bool, free: Callable[[], None] = lambda: None):
+        self._load, self._free, self.keep = load, free, keep
+        self._model = None
+
+    @property
+    def resident(self) -> bool:
+        return self._model is not None
+
+    def get(self):
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def done(self) -> None:
+        """The caller is done with the model: drop it unless it is kept."""
+        if not self.keep and self._model is not None:
+            self._model = None
+            gc.collect()
+            self._free()
+
+
+@dataclass(frozen=True)
+class Cond:
+    """One batch's conditioning: features [B, S, D] on the device and RoPE angles complex64 [S + N_img, d/2]."""
+
+    features: torch.Tensor
+    rope: torch.Tensor
+
+
 class TorchRuntime:
-    """Loaded transformer + VAE decoder; the text encoder is loaded for `encode` and freed afterwards."""
+    """Transformer + VAE decoder resident; the text encoder loaded for `encode` (see `LazyModel`)."""
 
     name = "torch"
 
-    def __init__(self, folder: Path, transformer, vae, device, dtype, layers, keep_text_encoder: bool):
-        self.folder = folder
+    def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype):
         self.transformer = transformer
         self.vae = vae
-        self.device = device
+        self.text_encoder = text_encoder
+        self.text_config = text_config
+        self.device = torch.device(device)
         self.dtype = dtype
-        self.layers = tuple(layers)
-        self.keep_text_encoder = keep_text_encoder
-        self._text_encoder = None
+        self._sampler: MemorySampler | None = None
 
     @classmethod
-    def load(cls, folder, device=None, dtype=None, make_linear=LowBitLinear, keep_text_encoder=False,
-             layers=FEATURE_LAYERS):
+    def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
+             keep_text_encoder: bool = False, make_linear=LowBitLinear) -> "TorchRuntime":
         folder = Path(folder)
         device = torch.device(device or "cpu")
         dtype = dtype or default_dtype(device)
@@ -46,56 +83,71 @@ class TorchRuntime:
         del tw
         vae_config, vae_state = weights.read_vae(folder)
         vae = load_vae_decoder(vae_state, vae_config, device=device, dtype=dtype)
-        return cls(folder, transformer, vae, device, dtype, layers, keep_text_encoder)
 
-    def _load_text_encoder(self):
-        if self._text_encoder is None:
-            config, state = weights.read_text_encoder(self.folder, layers=max(self.layers))
-            self._text_encoder = load_text_encoder(config, state, device=self.device, dtype=self.dtype,
-                                                   layers=self.layers)
-        return self._text_encoder
+        def load_te():
+            config, state = weights.read_text_encoder(folder, layers=text_config.layers_needed)
+            return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers)
+
+        te = LazyModel(load_te, keep_text_encoder, free=_empty_cache(device))
+        return cls(transformer, vae, te, text_config, device, dtype)
 
     @torch.inference_mode()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """int64 [B, S] ids and mask -> features [B, S, 3 * hidden] in the runtime dtype."""
-        model = self._load_text_encoder()
-        features = encode_text(model, input_ids.to(self.device), attention_mask.to(self.device), self.layers)
-        if not self.keep_text_encoder:
-            self._text_encoder = None
-            del model
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        return features.to(self.dtype)
+        """int64 [B, S] ids and mask -> features [B, S, len(feature_layers) * hidden] in the runtime dtype."""
+        try:
+            model = self.text_encoder.get()
+            features = [encode_text(model, ids.to(self.device), mask.to(self.device), self.text_config.feature_layers)
+                        for ids, mask in zip(input_ids.split(ENCODE_BATCH), attention_mask.split(ENCODE_BATCH))]
+        finally:
+            self.text_encoder.done()
+        return torch.cat(features).to(self.dtype)
+
+    def latents(self, noise: torch.Tensor) -> torch.Tensor:
+        return noise.to(self.device, self.dtype)
 
     @torch.inference_mode()
-    def denoise(self, noise, features, sigmas, img_ids, txt_ids, callback=None) -> torch.Tensor:
-        """Euler flow matching. noise: float [B, N_img, C] packed; sigmas: descending, ending with 0."""
-        x = noise.to(self.device, self.dtype)
-        batch = x.shape[0]
-        sig = torch.as_tensor(sigmas, dtype=torch.float32)
-        # The reference passes timestep = bf16(sigma * 1000) / 1000; the model multiplies by 1000 again.
-        timesteps = sig[:-1] * 1000
-        img_ids, txt_ids = img_ids.to(self.device), txt_ids.to(self.device)
-        for i in range(len(sigmas) - 1):
-            t = timesteps[i].expand(batch).to(self.device, self.dtype) / 1000
-            v = self.transformer(x, features, t, img_ids, txt_ids)
-            # Step in fp32 then cast back, as FlowMatchEulerDiscreteScheduler.step does.
-            x = (x.float() + (sig[i + 1] - sig[i]).to(self.device) * v.float()).to(self.dtype)
-            if callback is not None:
-                callback(i, x)
-        return x
+    def condition(self, features, img_ids, txt_ids) -> Cond:
+        return Cond(torch.cat(list(features)).to(self.device, self.dtype),
+                    self.transformer.rope(img_ids, txt_ids, self.device))
+
+    @torch.inference_mode()
+    def velocity(self, x: torch.Tensor, timestep: float, cond: Cond) -> torch.Tensor:
+        t = torch.full((x.shape[0],), timestep, device=self.device, dtype=self.dtype)
+        return self.transformer(x, cond.features, t, rope=cond.rope)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, height: int, width: int):
         """Packed latents [B, N_img, C] -> numpy uint8 [B, H, W, 3]."""
         return self.vae.decode_latents(latents.to(self.device, self.dtype), height, width)
 
-    def reset_peak_memory(self):
+    # --- memory ---
+
+    def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self._stop_sampler()
+        self._sampler = MemorySampler(rss_bytes).__enter__()
 
     def peak_memory_gb(self) -> float | None:
+        """Device peak on CUDA; on a CPU the peak process RSS sampled since `reset_peak_memory` (every 50 ms)."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 1e9
-        return None
+        sampler = self._stop_sampler()
+        return sampler.peak_gb() if sampler is not None else None
+
+    def memory_report(self) -> dict:
+        if self.device.type == "cuda":
+            return dict(allocated_gb=torch.cuda.memory_allocated(self.device) / 1e9,
+                        peak_gb=torch.cuda.max_memory_allocated(self.device) / 1e9)
+        return {}
+
+    def _stop_sampler(self) -> MemorySampler | None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+        return sampler
+
+
+def _empty_cache(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.empty_cache if device.type == "cuda" else (lambda: None)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...prompt import FEATURE_LAYERS, stack_features
+from ...config import TextEncoderConfig
+from ...prompt import stack_features
+
+FEATURE_LAYERS = TextEncoderConfig.feature_layers  # the dataclass default: klein's (9, 18, 27)
 
 
 def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = torch.float32, layers=FEATURE_LAYERS,
