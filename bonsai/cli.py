@@ -1,4 +1,4 @@
-"""`bonsai` command line: generate, batch, info, convert."""
+"""`bonsai` command line: generate, batch, info, convert. Arguments are checked before any model is loaded."""
 
 from __future__ import annotations
 
@@ -22,18 +22,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", action="store_true", help="use only the local HF cache")
 
 
-def _load(args):
-    from .backends import resolve
-    from .pipeline import Pipeline
+def _backend(args):
+    """The backend, checked to be usable here (cheaply: before any download or model load)."""
+    from .backends import check_available, resolve
 
     backend = resolve(args.backend)
-    model = args.model or DEFAULT_MODELS["mlx" if backend.value == "mlx" else "other"]
-    dtype = args.dtype
-    if dtype is not None and backend.value != "mlx":
-        import torch
+    check_available(backend, args.device)
+    return backend
 
-        dtype = getattr(torch, dtype)
-    return Pipeline.from_pretrained(model, backend=backend.value, device=args.device, dtype=dtype,
+
+def _load(args, backend):
+    from .pipeline import Pipeline
+
+    model = args.model or DEFAULT_MODELS["mlx" if backend.value == "mlx" else "other"]
+    return Pipeline.from_pretrained(model, backend=backend.value, device=args.device, dtype=args.dtype,
                                     local_files_only=args.offline)
 
 
@@ -47,20 +49,36 @@ def _job_kwargs(job: dict) -> dict:
     return kwargs
 
 
+def _generate_request(args):
+    from . import params
+    from .sizes import parse_size
+
+    width = height = None
+    if args.size:
+        width, height = parse_size(args.size)
+    return params.check(args.prompt, width, height, args.steps, args.seed, args.style, args.aspect, args.long_edge)
+
+
 def cmd_generate(args) -> int:
-    pipe = _load(args)
-    kwargs = _job_kwargs(vars(args))
-    result = pipe(**kwargs, progress=not args.quiet)
+    from .errors import BonsaiValueError
+
+    req = _generate_request(args)
     out = Path(args.out)
-    paths = result.save(out)
-    for p in paths:
+    if out.suffix.lower() != ".png":
+        raise BonsaiValueError(f"--out must be a .png file, got {args.out!r}")
+    if not out.parent.is_dir():
+        raise BonsaiValueError(f"--out: folder {out.parent} does not exist")
+    pipe = _load(args, _backend(args))
+    result = pipe(req.prompts[0], width=req.width, height=req.height, steps=req.steps, seed=req.seeds[0],
+                  style=req.style, progress=not args.quiet)
+    for p in result.save(out):
         print(p)
     print(result.report, file=sys.stderr)
     return 0
 
 
 def cmd_batch(args) -> int:
-    pipe = _load(args)
+    pipe = _load(args, _backend(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -104,8 +122,12 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .sizes import STYLES
+
     parser = argparse.ArgumentParser(prog="bonsai", description="Bonsai Image 4B text-to-image")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"bonsai {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="render one image")
@@ -115,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16 (default 512x512)")
     size.add_argument("--aspect", help="W:H, used with --long-edge")
     g.add_argument("--long-edge", type=int, help="pixels of the longer side, with --aspect (default 1024)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--steps", type=int, default=4)
-    g.add_argument("--style")
+    g.add_argument("--seed", type=int, help="0 to 2**32 - 1 (default: random)")
+    g.add_argument("--steps", type=int, default=4, help="Euler steps, 1 to 50 (default 4, what the model is made for)")
+    g.add_argument("--style", choices=list(STYLES), metavar="STYLE", help=f"one of: {', '.join(STYLES)}")
     g.add_argument("--out", default="bonsai.png", help="PNG file (default bonsai.png)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
@@ -141,12 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import BonsaiError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError) as e:
-        print(f"bonsai: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bonsai: interrupted", file=sys.stderr)
+        return 130
+    except (BonsaiError, ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, ImportError,
+            RuntimeError) as e:
+        print(f"bonsai: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

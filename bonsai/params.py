@@ -108,6 +108,19 @@ def check(prompt, width=None, height=None, steps=4, seed=None, style=None, aspec
                    batch_size=integer(batch_size, "batch_size", 1, MAX_BATCH))
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(dtype) -> str | None:
+    """None, "bfloat16", torch.bfloat16 or mx.bfloat16 -> "bfloat16" (likewise float32, float16)."""
+    if dtype is None:
+        return None
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name not in DTYPES:
+        raise BonsaiValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
+
+
 def finite(value, name: str, lo: float, hi: float) -> float:
     """A real number in [lo, hi] (numpy floats included; NaN and inf refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):

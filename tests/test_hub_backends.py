@@ -18,7 +18,10 @@ def test_resolve_auto_on_cpu_machine(monkeypatch):
     monkeypatch.setattr("bonsai.backends._apple_silicon", lambda: False)
     assert resolve("auto") is Backend.TORCH
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("bonsai.backends._maybe_cuda", lambda: True)
     assert resolve("auto") is Backend.CUDA
+    monkeypatch.setattr("bonsai.backends._maybe_cuda", lambda: False)  # a CPU torch build: torch is not imported
+    assert resolve("auto") is Backend.TORCH
 
 
 def test_hub_local_folder_and_bad_ids(tmp_path):
