@@ -68,3 +68,37 @@ def summarize(samples: list[tuple[float, int]]) -> dict:
     gb_s = float(np.sum((gb[1:] + gb[:-1]) / 2 * np.diff(t)))
     return {"seconds": seconds, "gb_s": gb_s, "mean_active_gb": gb_s / seconds if seconds > 0 else float(gb.mean()),
             "max_active_gb": float(gb.max()), "samples": len(samples)}
+
+
+# Activations of one render beyond the resident weights, fitted to H100 bf16 peaks (decode dominates):
+# 1024x1024: 3.2 GB, 512x512: 1.1 GB, i.e. about 0.5 GB + 3000 bytes per pixel and image.
+RENDER_FIXED_BYTES = 512 << 20
+RENDER_BYTES_PER_PIXEL = 3000
+
+
+def render_bytes(batch: int, pixels: int) -> int:
+    """Estimated device memory a render of `batch` images of `pixels` each needs on top of the resident models."""
+    return RENDER_FIXED_BYTES + RENDER_BYTES_PER_PIXEL * batch * pixels
+
+
+def keep_resident(free_bytes: int, need_bytes: int, margin: float = 1.25) -> bool:
+    """Whether a resident model may stay: the free memory left next to it still holds `need_bytes` with margin."""
+    return free_bytes >= margin * need_bytes
+
+
+def available_bytes(device) -> int | None:
+    """Free memory for new allocations on a torch device: CUDA's free memory plus the allocator's unused cache;
+    on a CPU, MemAvailable from /proc/meminfo. None where unknown."""
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

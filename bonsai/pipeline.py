@@ -92,7 +92,7 @@ class Pipeline:
     """
 
     def __init__(self, runtime: Runtime, tokenizer, scheduler_config: SchedulerConfig, text_config: TextEncoderConfig,
-                 model: str, variant: str, feature_cache: int = FEATURE_CACHE):
+                 model: str, variant: str, feature_cache: int = FEATURE_CACHE, load_report: dict | None = None):
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
@@ -100,6 +100,7 @@ class Pipeline:
         self.model = model
         self.variant = variant
         self.feature_cache = feature_cache
+        self.load_report = dict(load_report or {})  # seconds per loading stage (from_pretrained)
         self._features: OrderedDict[str, object] = OrderedDict()  # full prompt -> features [1, S, D]
         self._lock = threading.Lock()
 
@@ -116,16 +117,20 @@ class Pipeline:
             feature_cache: how many prompts' features to keep (a repeated prompt skips the text encoder).
             options: passed to the backend's runtime loader.
         """
+        t0 = time.perf_counter()
         chosen = resolve(backend)
         folder = hub.resolve(repo_id_or_dir, revision=revision, local_files_only=local_files_only)
         info = weights.describe(folder)
         text_config = weights.text_encoder_config(folder)
+        t1 = time.perf_counter()
         runtime = load_runtime(chosen, folder, device=device, dtype=dtype, text_config=text_config, **options)
+        t2 = time.perf_counter()
         tokenizer = load_tokenizer(weights.tokenizer_dir(folder))
         sched_file = folder / "scheduler" / "scheduler_config.json"
         sched = SchedulerConfig.from_json(sched_file) if sched_file.is_file() else SchedulerConfig()
+        report = {"resolve_s": t1 - t0, "runtime_s": t2 - t1, "tokenizer_s": time.perf_counter() - t2}
         return cls(runtime, tokenizer, sched, text_config, str(repo_id_or_dir), f"{info.kind}-{info.layout}",
-                   feature_cache)
+                   feature_cache, report)
 
     @property
     def backend(self) -> str:

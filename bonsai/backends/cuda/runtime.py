@@ -3,6 +3,7 @@ transformer forward replayed from a CUDA graph captured once per input shape."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 
 from ... import weights
 from ...config import TextEncoderConfig
+from ...errors import BonsaiFileNotFoundError, BonsaiValueError
+from ..torch.linear import dense_linear
 from ..torch.runtime import Cond, LazyModel, TorchRuntime
 from ..torch.text_encoder import load_text_encoder
 from ..torch.transformer import load_transformer
@@ -21,6 +24,27 @@ from .linear import LINEARS, FastInt4Linear, make_linear_factory, release_scratc
 log = logging.getLogger(__name__)
 
 __all__ = ["CudaRuntime", "LINEARS"]
+
+LOW_MEMORY_BYTES = 12 << 30  # memory="auto" picks "low" below this much device memory
+
+
+def _lap(t0: float, phases: dict | None = None) -> float:
+    """Seconds since t0 minus the phases already counted."""
+    return time.perf_counter() - t0 - sum((phases or {}).values())
+
+
+def _to_pinned_host(model):
+    """Move a model's tensors to pinned host memory (a later copy back runs at full PCIe speed, no disk read)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        t.data = t.data.to("cpu").pin_memory()
+    return model
+
+
+def _to_device(model, device):
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        t.data = t.data.to(device, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return model
 
 
 def _load_gemlite_transformer(folder: Path, device, dtype):
@@ -45,13 +69,14 @@ class CudaRuntime(TorchRuntime):
     name = "cuda"
 
     def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype, *,
-                 linear: str, activations: str | None, cuda_graphs: bool, autotune_file: Path | None,
-                 load_seconds: float):
-        super().__init__(transformer, vae, text_encoder, text_config, device, dtype)
-        self.linear, self.activations = linear, activations
+                 linear: str, activations: str | None, memory: str, cuda_graphs: bool, vae_tile: bool | None,
+                 auto_residency: bool, autotune_file: Path | None, load_report: dict[str, float]):
+        super().__init__(transformer, vae, text_encoder, text_config, device, dtype, vae_tile=vae_tile,
+                         auto_residency=auto_residency)
+        self.linear, self.activations, self.memory = linear, activations, memory
         self.cuda_graphs = cuda_graphs
         self.autotune_file = autotune_file
-        self.load_seconds = load_seconds
+        self.load_report = load_report  # seconds per loading phase
         self.resident_gb = torch.cuda.memory_allocated(self.device) / 1e9
         self._graphs: dict[tuple, GraphedForward] = {}
         self._graph_pool = None
@@ -60,35 +85,53 @@ class CudaRuntime(TorchRuntime):
     @classmethod
     def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
              linear: str = "auto", activations: str | None = None, text_encoder: str = "4bit",
-             keep_text_encoder: bool = False, autotune_file: str | Path | None = None, cuda_graphs: bool = True,
-             compile: bool = False) -> "CudaRuntime":
+             keep_text_encoder: bool | str = "auto", memory: str = "auto", autotune_file: str | Path | None = None,
+             cuda_graphs: bool | None = None, compile: bool = False) -> "CudaRuntime":
         """linear: "auto" (per shape, the faster of "expand" and "fused", measured once and cached), "expand"
-        (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop) or "gemlite".
+        (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop), "gemlite", or "dense" (the
+        codes expanded to bf16 at load: the dense baseline, 5x the weight memory).
         dtype: bf16 (default) or fp16. activations="fp8": e4m3 activations per token and 128-group into our
         fp8 GEMMs (opt-in; not with gemlite). text_encoder: "4bit" keeps the HQQ pack's linears 4-bit on the GPU
         (expanded per layer for cuBLAS); "dense" dequantizes them to bf16 (the other packs are always dense).
+        keep_text_encoder: "auto" keeps the text encoder on the GPU between prompts while the render has room
+        next to it (else it moves to pinned host memory and comes back without a disk read); True / False.
+        memory: "low" (for 6-8 GB cards: text encoder offloaded after each encode, tiled VAE decode, no CUDA
+        graphs), "normal", or "auto" (low below 12 GB of device memory).
 
         With "gemlite", a released gemlite repo loads as stored and its `gemlite_autotune.json` is honoured;
         tuned configs are persisted per GPU model under the user cache (`autotune_file` overrides the path).
         Our per-shape GEMM choices are persisted next to them (`choice.cache_path()`).
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
-        ~1k small kernels per step). compile: torch.compile each transformer block (fuses the elementwise work).
+        ~1k small kernels per step); default on, off with memory="low". compile: torch.compile each transformer
+        block (fuses the elementwise work).
         """
         if not torch.cuda.is_available():
             raise RuntimeError("CudaRuntime needs a CUDA device; torch.cuda.is_available() is False")
         device = torch.device(device or "cuda")
         if device.type != "cuda":
-            raise ValueError(f"CudaRuntime runs on a cuda device, got {device}")
+            raise BonsaiValueError(f"CudaRuntime runs on a cuda device, got {device}")
         dtype = dtype or torch.bfloat16
         if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-        make_linear = make_linear_factory(linear, activations)  # validates linear and activations
+            raise BonsaiValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        if linear == "dense":
+            if activations is not None:
+                raise BonsaiValueError("activations='fp8' needs a low-bit linear, not linear='dense'")
+            make_linear = dense_linear
+        else:
+            make_linear = make_linear_factory(linear, activations)  # validates linear and activations
         if text_encoder not in ("4bit", "dense"):
-            raise ValueError(f"text_encoder must be '4bit' or 'dense', got {text_encoder!r}")
+            raise BonsaiValueError(f"text_encoder must be '4bit' or 'dense', got {text_encoder!r}")
+        if keep_text_encoder not in (True, False, "auto"):
+            raise BonsaiValueError(f"keep_text_encoder must be True, False or 'auto', got {keep_text_encoder!r}")
+        if memory not in ("auto", "normal", "low"):
+            raise BonsaiValueError(f"memory must be 'auto', 'normal' or 'low', got {memory!r}")
+        if memory == "auto":
+            memory = "low" if torch.cuda.get_device_properties(device).total_memory < LOW_MEMORY_BYTES else "normal"
+        low = memory == "low"
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist")
-        t0 = time.perf_counter()
+            raise BonsaiFileNotFoundError(f"model folder {folder} does not exist")
+        phases, t0 = {}, time.perf_counter()
         tune = None
         if linear == "gemlite":
             from . import gemlite
@@ -100,6 +143,7 @@ class CudaRuntime(TorchRuntime):
             gemlite.load_autotune(tune)
         else:
             choice.load(choice.cache_path())
+        phases["tuning caches"] = _lap(t0)
         if linear == "gemlite" and weights.find_transformer(folder)[0] == "gemlite":
             transformer = _load_gemlite_transformer(folder, device, dtype)
         else:
@@ -110,8 +154,12 @@ class CudaRuntime(TorchRuntime):
             # Blocks of one class share their compiled code: parameters are graph inputs, not constants.
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
                 block.compile()
+        torch.cuda.synchronize(device)
+        phases["transformer"] = _lap(t0, phases)
         vae_config, vae_state = weights.read_vae(folder)
         vae = load_vae_decoder(vae_state, vae_config, device=device, dtype=dtype)
+        torch.cuda.synchronize(device)
+        phases["vae"] = _lap(t0, phases)
         packed_te = text_encoder == "4bit" and weights.find_text_encoder(folder)[0] == "hqq"
 
         def load_te():
@@ -120,10 +168,12 @@ class CudaRuntime(TorchRuntime):
             return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers,
                                      make_linear=FastInt4Linear if packed_te else None)
 
-        te = LazyModel(load_te, keep_text_encoder, free=torch.cuda.empty_cache)
-        torch.cuda.synchronize(device)
+        te = LazyModel(load_te, keep=not low and keep_text_encoder is not False, free=torch.cuda.empty_cache,
+                       offload=_to_pinned_host, restore=lambda model: _to_device(model, device))
         return cls(transformer, vae, te, text_config, device, dtype, linear=linear, activations=activations,
-                   cuda_graphs=bool(cuda_graphs), autotune_file=tune, load_seconds=time.perf_counter() - t0)
+                   memory=memory, cuda_graphs=not low if cuda_graphs is None else bool(cuda_graphs),
+                   vae_tile=True if low else None, auto_residency=not low and keep_text_encoder == "auto",
+                   autotune_file=tune, load_report=phases)
 
     @torch.inference_mode()
     def condition(self, features, img_ids, txt_ids):
@@ -165,9 +215,11 @@ class CudaRuntime(TorchRuntime):
 
             gemlite.save_autotune(self.autotune_file)
 
-    def memory_report(self) -> dict[str, float]:
-        """GPU memory in GB: resident after load, allocated now, and the peak since the last reset."""
-        return dict(resident_gb=self.resident_gb, **super().memory_report())
+    def memory_report(self) -> dict:
+        """GPU memory in GB (resident after load, allocated now, peak since the last reset), the memory mode and
+        whether the text encoder is on the GPU."""
+        return dict(resident_gb=self.resident_gb, memory=self.memory,
+                    text_encoder_resident=self.text_encoder.resident, **super().memory_report())
 
     def release(self) -> None:
         """Drop captured graphs, the shared expand scratch (re-made on the next call) and cached allocator blocks."""

@@ -50,6 +50,16 @@ class LowBitLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, kind={self.kind}, group_size={self.group_size}"
 
 
+def dense_linear(weight, device=None, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """`make_linear` that expands a `LowBitWeight` into a plain dense linear (the dense baseline: same model,
+    16 bits per weight)."""
+    out_f, in_f = (int(d) for d in weight.shape)
+    linear = nn.Linear(in_f, out_f, bias=False, device="meta")
+    linear.weight = nn.Parameter(dequantize(weight.packed.to(device), weight.scales.to(device), weight.bits,
+                                            weight.group_size, in_f, dtype), requires_grad=False)
+    return linear
+
+
 class Int4Linear(nn.Module):
     """y = x @ W.T with W = (q - zero) * scale, 4-bit codes packed along in (a `bonsai.quant.Int4Weight`)."""
 

@@ -11,7 +11,8 @@ import torch
 
 from ... import weights
 from ...config import TextEncoderConfig
-from ...memory import MemorySampler, rss_bytes
+from ...errors import BonsaiValueError
+from ...memory import MemorySampler, available_bytes, keep_resident, render_bytes, rss_bytes
 from .linear import LowBitLinear
 from .text_encoder import encode as encode_text
 from .text_encoder import load_text_encoder
@@ -27,11 +28,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class LazyModel:
-    """A model loaded on first use and, unless kept resident, dropped after each use."""
+    """A model loaded on first use. keep=True keeps it resident after each use; keep=False drops it after each use;
+    `release()` drops it on demand (e.g. when a render needs the memory). With `offload`, a released model is kept
+    in host memory and comes back without a disk read."""
 
-    def __init__(self, load: Callable[[], object], keep: bool, free: Callable[[], None] = lambda: None):
+    def __init__(self, load: Callable[[], object], keep: bool, free: Callable[[], None] = lambda: None,
+                 offload: Callable[[object], object] | None = None, restore: Callable[[object], object] | None = None):
         self._load, self._free, self.keep = load, free, keep
+        self._offload, self._restore = offload, restore
         self._model = None
+        self._host = None  # the offloaded model
 
     @property
     def resident(self) -> bool:
@@ -39,15 +45,26 @@ class LazyModel:
 
     def get(self):
         if self._model is None:
-            self._model = self._load()
+            if self._host is not None:
+                self._model, self._host = self._restore(self._host), None
+            else:
+                self._model = self._load()
         return self._model
 
     def done(self) -> None:
         """The caller is done with the model: drop it unless it is kept."""
-        if not self.keep and self._model is not None:
-            self._model = None
-            gc.collect()
-            self._free()
+        if not self.keep:
+            self.release()
+
+    def release(self) -> None:
+        if self._model is None:
+            return
+        model, self._model = self._model, None
+        if self._offload is not None:
+            self._host = self._offload(model)
+        del model
+        gc.collect()
+        self._free()
 
 
 @dataclass(frozen=True)
@@ -63,9 +80,12 @@ class TorchRuntime:
 
     name = "torch"
 
-    def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype):
+    def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype,
+                 vae_tile: bool | None = None, auto_residency: bool = False):
         self.transformer = transformer
         self.vae = vae
+        self.vae_tile = vae_tile  # None: tile only images above 1024 px per side
+        self.auto_residency = auto_residency  # free the kept text encoder when a render needs its memory
         self.text_encoder = text_encoder
         self.text_config = text_config
         self.device = torch.device(device)
@@ -74,7 +94,11 @@ class TorchRuntime:
 
     @classmethod
     def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
-             keep_text_encoder: bool = False, make_linear=LowBitLinear) -> "TorchRuntime":
+             keep_text_encoder: bool | str = "auto", make_linear=LowBitLinear) -> "TorchRuntime":
+        """keep_text_encoder: "auto" keeps it loaded between prompts while the device has room for it next to the
+        render's activations (else it is freed before the render), True always, False re-reads it per prompt."""
+        if keep_text_encoder not in (True, False, "auto"):
+            raise BonsaiValueError(f"keep_text_encoder must be True, False or 'auto', got {keep_text_encoder!r}")
         folder = Path(folder)
         device = torch.device(device or "cpu")
         dtype = dtype or default_dtype(device)
@@ -88,8 +112,8 @@ class TorchRuntime:
             config, state = weights.read_text_encoder(folder, layers=text_config.layers_needed)
             return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers)
 
-        te = LazyModel(load_te, keep_text_encoder, free=_empty_cache(device))
-        return cls(transformer, vae, te, text_config, device, dtype)
+        te = LazyModel(load_te, keep_text_encoder is not False, free=_empty_cache(device))
+        return cls(transformer, vae, te, text_config, device, dtype, auto_residency=keep_text_encoder == "auto")
 
     @torch.inference_mode()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -107,6 +131,11 @@ class TorchRuntime:
 
     @torch.inference_mode()
     def condition(self, features, img_ids, txt_ids) -> Cond:
+        if self.auto_residency and self.text_encoder.resident:
+            free = available_bytes(self.device)
+            pixels = img_ids.shape[-2] * 256  # one token per 16x16 pixels
+            if free is not None and not keep_resident(free, render_bytes(len(features), pixels)):
+                self.text_encoder.release()
         return Cond(torch.cat(list(features)).to(self.device, self.dtype),
                     self.transformer.rope(img_ids, txt_ids, self.device))
 
@@ -118,7 +147,7 @@ class TorchRuntime:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, height: int, width: int):
         """Packed latents [B, N_img, C] -> numpy uint8 [B, H, W, 3]."""
-        return self.vae.decode_latents(latents.to(self.device, self.dtype), height, width)
+        return self.vae.decode_latents(latents.to(self.device, self.dtype), height, width, tile=self.vae_tile)
 
     # --- memory ---
 
