@@ -86,16 +86,18 @@ def tflops(m, k, n, ms):
 def bench_linears(dtype, with_gemlite, kinds):
     """Every FLUX shape x M: dense cuBLAS, each of our GEMMs (best Triton config per shape), what linear="auto"
     picked, fp8 activations, gemlite; fp8's error is against the bf16 output on the same input."""
-    from bonsai.backends.cuda import choice
+    from bonsai.backends.cuda.choice import GemmChoices
     from bonsai.backends.cuda.kernels import expand_lowbit, quantize_fp8
-    from bonsai.backends.cuda.linear import FastLowBitLinear, _run, candidates
+    from bonsai.backends.cuda.linear import FastLowBitLinear, Workspace, _run, candidates
 
     gen = torch.Generator("cuda").manual_seed(0)
+    ws, choices = Workspace("cuda"), GemmChoices()
     rows = []
     for kind in kinds:
         for name, k, n in FLUX_SHAPES:
             w = random_lowbit(n, k, kind, gen)
-            auto, auto8 = FastLowBitLinear(w), FastLowBitLinear(w, activations="fp8")
+            auto = FastLowBitLinear(w, workspace=ws, choices=choices)
+            auto8 = FastLowBitLinear(w, activations="fp8", workspace=ws, choices=choices)
             wd = dense_weight(w, dtype)
             gl = gemlite_released(w, dtype=dtype) if with_gemlite else None
             scratch = torch.empty(n, k, device="cuda", dtype=dtype)
@@ -103,16 +105,17 @@ def bench_linears(dtype, with_gemlite, kinds):
             for m in MS:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 x8 = quantize_fp8(x)
-                run = {c: (lambda c=c, x8=None: _run(c, x, w.packed, w.scales, w.bits, 128, k, x8))
+                s16, s8 = ws.buffer(dtype, n * k), ws.buffer(torch.float8_e4m3fn, n * k)
+                run = {c: (lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, s16))
                        for c in candidates("auto", False, m)}
                 t = {c: bench_ms(fn) for c, fn in run.items()}
-                t8 = {c: bench_ms(lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, x8))
+                t8 = {c: bench_ms(lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, s8, x8))
                       for c in candidates("auto", True, m)}
                 fused = min((c for c in t if c.startswith("fused")), key=t.get)
                 best8 = min(t8, key=t8.get)
                 auto(x)  # measures and records the choice for this M
                 auto8(x)
-                picked = choice.get(choice.key(str(dtype).removeprefix("torch."), w.bits, n, k, m))
+                picked = choices.get(auto.gemm_key(m, dtype))
                 ref = F.linear(x, wd).float()
                 err8 = ((auto8(x).float() - ref).norm() / ref.norm()).item()
                 row = dict(kind=kind, linear=name, K=k, N=n, M=m, dense_ms=bench_ms(lambda: F.linear(x, wd)),
@@ -156,15 +159,18 @@ def random_model_tensors(cfg, kind, seed=0):
     return out
 
 
-def linear_makers(dtype):
+def linear_makers(dtype, workspace, choices):
+    """make_linear per impl; ours share `workspace` and `choices` (what one CudaRuntime holds)."""
     from bonsai.backends.cuda.linear import make_linear_factory
 
     def dense(w, device="cuda", dtype=dtype):
         return dense_linear(w.to(device), device=device, dtype=dtype)
 
-    return {"ours": make_linear_factory("auto"), "ours_expand": make_linear_factory("expand"),
-            "ours_fused": make_linear_factory("fused"), "ours_fp8": make_linear_factory("auto", "fp8"),
-            "gemlite": gemlite_released, "dense_bf16": dense}
+    def ours(linear, activations=None):
+        return make_linear_factory(linear, activations, workspace=workspace, choices=choices)
+
+    return {"ours": ours("auto"), "ours_expand": ours("expand"), "ours_fused": ours("fused"),
+            "ours_fp8": ours("auto", "fp8"), "gemlite": gemlite_released, "dense_bf16": dense}
 
 
 def gb(nbytes) -> float:
@@ -191,16 +197,18 @@ def graphed_step_ms(model, args, reps) -> float:
 
 def bench_steps(dtype, impls, kinds, reps=7):
     from bonsai import latents
-    from bonsai.backends.cuda.linear import release_scratch
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import Workspace
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.config import KLEIN_4B
 
-    makers = linear_makers(dtype)
+    ws = Workspace("cuda")
+    makers = linear_makers(dtype, ws, GemmChoices())
     rows = []
     for kind in kinds:
         tensors = random_model_tensors(KLEIN_4B, kind)
         for impl in impls:
-            release_scratch()
+            ws.release()
             gc.collect()  # the previous model may sit in a reference cycle
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
@@ -213,7 +221,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
                 c = torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype)
                 t = torch.full((1,), 0.5, device="cuda", dtype=dtype)
                 img, txt = latents.img_ids(h, w).cuda(), latents.txt_ids(TEXT_TOKENS).cuda()
-                release_scratch()  # so the scratch allocation shows in this size's peak
+                ws.release()  # so the scratch allocation shows in this size's peak
                 gc.collect()
                 torch.cuda.reset_peak_memory_stats()
                 times = []
@@ -237,7 +245,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
                 del x, c
             del model
         del tensors
-    release_scratch()
+    ws.release()
     torch.cuda.empty_cache()
     return rows
 
@@ -260,14 +268,17 @@ def bench_profile(dtype, impls, kind="ternary"):
     from torch.profiler import ProfilerActivity, profile
 
     from bonsai import latents
-    from bonsai.backends.cuda.linear import release_scratch
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import Workspace
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.config import KLEIN_4B
 
     tensors = random_model_tensors(KLEIN_4B, kind)
+    ws = Workspace("cuda")
+    makers = linear_makers(dtype, ws, GemmChoices())
     rows = []
     for impl in impls:
-        model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=linear_makers(dtype)[impl])
+        model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl])
         for hgt, wid in SIZES.values():
             h, w = latents.latent_size(hgt, wid)
             args = (torch.randn(1, h * w, 128, device="cuda", dtype=dtype),
@@ -290,7 +301,7 @@ def bench_profile(dtype, impls, kind="ternary"):
             rows.append(row)
             print("profile", row, flush=True)
         del model
-        release_scratch()
+        ws.release()
     del tensors
     gc.collect()
     torch.cuda.empty_cache()
@@ -302,9 +313,11 @@ QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num
                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)
 
 
-def random_text_encoder(dtype, text_encoder="dense"):
+def random_text_encoder(dtype, text_encoder, workspace):
     """Qwen3-4B cut to the 27 layers the features need, random weights made on the GPU: dense bf16, or "4bit"
-    (the HQQ pack's form, kept 4-bit by CudaRuntime: g64 codes, fp16 scale/zero)."""
+    (the HQQ pack's form, kept 4-bit by CudaRuntime: g64 codes, fp16 scale/zero, expanded into `workspace`)."""
+    import functools
+
     import transformers
 
     from bonsai.backends.cuda.linear import FastInt4Linear
@@ -330,11 +343,13 @@ def random_text_encoder(dtype, text_encoder="dense"):
         else:
             t = torch.ones(shape, device="cuda", dtype=dtype)
         state["model." + key] = t
-    return load_text_encoder(config, state, device="cuda", dtype=dtype, make_linear=FastInt4Linear)
+    return load_text_encoder(config, state, device="cuda", dtype=dtype,
+                             make_linear=functools.partial(FastInt4Linear, workspace=workspace))
 
 
-def build_runtime(kind, impl, dtype, text_encoder, mode="graphs"):
-    """A CudaRuntime of the real 4B shapes (random weights built in memory, no files)."""
+def build_runtime(kind, impl, dtype, text_encoder, workspace, choices, mode="graphs"):
+    """A CudaRuntime of the real 4B shapes (random weights built in memory, no files); its layers and the
+    text encoder share `workspace`."""
     from bonsai import testing
     from bonsai.backends.cuda.runtime import CudaRuntime
     from bonsai.backends.torch.transformer import load_transformer
@@ -343,12 +358,14 @@ def build_runtime(kind, impl, dtype, text_encoder, mode="graphs"):
     from bonsai.prompt import FEATURE_LAYERS
 
     tensors = random_model_tensors(KLEIN_4B, kind)
-    transformer = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=linear_makers(dtype)[impl])
+    transformer = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype,
+                                   make_linear=linear_makers(dtype, workspace, choices)[impl])
     del tensors
     vae = load_vae_decoder(testing.random_vae(FLUX2_VAE), FLUX2_VAE, device="cuda", dtype=dtype)
     rt = CudaRuntime(Path("."), transformer, vae, torch.device("cuda"), dtype, FEATURE_LAYERS, keep_text_encoder=True)
     rt._text_encoder = text_encoder
     rt.linear = impl
+    rt.workspace, rt.choices = workspace, choices  # as CudaRuntime.load sets them
     rt.configure(cuda_graphs="graphs" in mode, compile="compile" in mode)
     return rt
 
@@ -376,15 +393,17 @@ def render(rt, height, width, steps=4):
 
 
 def bench_e2e(dtype, impls, kinds, modes=("graphs",), text_encoders=("4bit", "dense"), reps=5):
-    from bonsai.backends.cuda.linear import release_scratch
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import Workspace
 
+    ws, choices = Workspace("cuda"), GemmChoices()  # one scratch for the text encoder and the transformer
     rows = []
     # torch.compile and the 4-bit text encoder are measured with our linears only; the others run as they come.
     combos = [(k, i, m, te) for k in kinds for i in impls for m in modes for te in text_encoders
               if i.startswith("ours") or ("compile" not in m and te == "dense")]
     te_name = te = None
     for kind, impl, mode, te_kind in combos:
-        release_scratch()
+        ws.release()
         gc.collect()
         torch.cuda.empty_cache()
         if te_kind != te_name:
@@ -392,16 +411,16 @@ def bench_e2e(dtype, impls, kinds, modes=("graphs",), text_encoders=("4bit", "de
             gc.collect()
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
-            te, te_name = random_text_encoder(dtype, te_kind), te_kind
+            te, te_name = random_text_encoder(dtype, te_kind, ws), te_kind
             te_gb = gb(torch.cuda.memory_allocated() - base)
         t0 = time.perf_counter()
-        rt = build_runtime(kind, impl, dtype, te, mode)
+        rt = build_runtime(kind, impl, dtype, te, ws, choices, mode)
         build_s = time.perf_counter() - t0
         for hgt, wid in SIZES.values():
             first, _ = render(rt, hgt, wid)  # cold at this size: Triton JIT / gemlite autotune
             runs = []
             for _ in range(reps):
-                release_scratch()
+                ws.release()
                 torch.cuda.reset_peak_memory_stats()
                 stages, img = render(rt, hgt, wid)
                 stages["peak_gb"] = gb(torch.cuda.max_memory_allocated())
@@ -416,7 +435,7 @@ def bench_e2e(dtype, impls, kinds, modes=("graphs",), text_encoders=("4bit", "de
                   flush=True)
         del rt
     del te
-    release_scratch()
+    ws.release()
     torch.cuda.empty_cache()
     return rows
 

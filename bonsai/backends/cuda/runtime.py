@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 
 from ..torch.runtime import TorchRuntime
 from . import choice
-from .linear import LINEARS, FastInt4Linear, make_linear_factory, release_scratch, scratch_buffers
+from .choice import GemmChoices
+from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,9 @@ class CudaRuntime(TorchRuntime):
         dtype = dtype or torch.bfloat16
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-        make_linear = make_linear_factory(linear, activations)  # validates linear and activations
+        # CUDA state owned by this runtime and shared by its layers (the text encoder's included).
+        workspace, choices = Workspace(device), GemmChoices()
+        make_linear = make_linear_factory(linear, activations, workspace=workspace, choices=choices)  # validates
         if text_encoder not in ("4bit", "dense"):
             raise ValueError(f"text_encoder must be '4bit' or 'dense', got {text_encoder!r}")
         folder = Path(folder)
@@ -85,7 +89,7 @@ class CudaRuntime(TorchRuntime):
             tune = Path(autotune_file) if autotune_file else gemlite.autotune_cache_path()
             gemlite.load_autotune(tune)
         else:
-            choice.load(choice.cache_path())
+            choices.load(choice.cache_path())
         if linear == "gemlite" and _gemlite_dirs(folder):
             from ... import weights
             from ..torch.vae import load_vae_decoder
@@ -99,7 +103,7 @@ class CudaRuntime(TorchRuntime):
             rt = super().load(folder, device=device, dtype=dtype, make_linear=make_linear,
                               keep_text_encoder=keep_text_encoder, **options)
         rt.linear, rt.activations, rt.text_encoder = linear, activations, text_encoder
-        rt._choices_saved = len(choice.table())
+        rt.workspace, rt.choices = workspace, choices
         rt.autotune_file = tune
         rt.configure(cuda_graphs=cuda_graphs, compile=compile)
         torch.cuda.synchronize(device)
@@ -116,8 +120,9 @@ class CudaRuntime(TorchRuntime):
 
             config, state = weights.read_text_encoder(self.folder, layers=max(self.layers), dtype=self.dtype,
                                                       packed=True, device=self.device)
+            make_linear = functools.partial(FastInt4Linear, workspace=self.workspace)
             self._text_encoder = load_text_encoder(config, state, device=self.device, dtype=self.dtype,
-                                                   layers=self.layers, make_linear=FastInt4Linear)
+                                                   layers=self.layers, make_linear=make_linear)
         return super()._load_text_encoder()
 
     def configure(self, cuda_graphs: bool = True, compile: bool = False) -> None:
@@ -127,8 +132,9 @@ class CudaRuntime(TorchRuntime):
         self._graph_pool = None
         if compile and not getattr(self, "compiled", False):
             # Blocks of one class share their compiled code: parameters are graph inputs, not constants.
+            # dynamic=False: each GEMM choice is baked into the trace for a fixed M (see linear._choose_in_trace).
             for block in list(self.transformer.transformer_blocks) + list(self.transformer.single_transformer_blocks):
-                block.compile()
+                block.compile(dynamic=False)
             self.compiled = True
 
     def _graphed_forward(self, x, features, img_ids, txt_ids) -> "GraphedForward":
@@ -166,9 +172,8 @@ class CudaRuntime(TorchRuntime):
 
     def _save_choices(self) -> None:
         """Persist our per-shape GEMM choices when this render measured new ones (the next process skips that)."""
-        if len(choice.table()) > getattr(self, "_choices_saved", 0):
-            choice.save(choice.cache_path())
-            self._choices_saved = len(choice.table())
+        if self.choices.unsaved:
+            self.choices.save(choice.cache_path())
 
     @torch.inference_mode()
     def warmup(self, sizes=((1024, 1024),), text_tokens: int = 512) -> dict[tuple[int, int], float]:
@@ -202,14 +207,15 @@ class CudaRuntime(TorchRuntime):
         """Drop captured graphs, the shared expand scratch (re-made on the next call) and cached allocator blocks."""
         self._graphs = {}
         self._graph_pool = None
-        release_scratch()
+        self.workspace.release()
         torch.cuda.empty_cache()
 
 
 class GraphedForward:
-    """One CUDA graph of `transformer(x, features, t, img_ids, txt_ids)` for fixed shapes; call(x, t) replays it.
+    """One CUDA graph of `transformer(x, features, t, rope=...)` for fixed shapes; call(x, t) replays it.
 
-    The RoPE tables are built outside the graph (the model builds them on the host) and fed as static buffers.
+    The RoPE tables are built outside the graph (the model builds them on the host) and passed in as a static
+    buffer, refreshed by `set_context` when the ids change.
     """
 
     def __init__(self, model, x, features, img_ids, txt_ids, pool=None):
@@ -218,21 +224,20 @@ class GraphedForward:
         self.x, self.c = x.clone(), features.clone()
         self.t = torch.zeros(x.shape[0], device=device, dtype=x.dtype)
         self.img, self.txt = img_ids.clone(), txt_ids.clone()
-        self.rope = model.rope(img_ids, txt_ids, device).clone()
-        with _static_rope(model, self.rope):
-            # Eager warmup on a side stream first: Triton JIT, gemlite autotuning and the expand scratch all
-            # allocate or synchronize, which a capture must not do.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                model(self.x, self.c, self.t, self.img, self.txt)
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.out = model(self.x, self.c, self.t, self.img, self.txt)
-        # The kernels were captured against these scratch buffers: keep them alive even if the shared scratch
-        # is released or regrown later.
-        self.scratch = scratch_buffers()
+        self.rope = model.rope(img_ids, txt_ids, device).clone()  # complex64 [N_txt + N_img, head_dim / 2]
+        # Eager warmup on a side stream first: Triton JIT, gemlite autotuning, our GEMM choice and the expand
+        # scratch all allocate or synchronize, which a capture must not do.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            model(self.x, self.c, self.t, rope=self.rope)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = model(self.x, self.c, self.t, rope=self.rope)
+        # The kernels were captured against the workspaces' buffers: keep them alive even if a workspace is
+        # released or regrown later.
+        self.scratch = [buf for ws in workspaces(model) for buf in ws.buffers()]
 
     def set_context(self, features, img_ids, txt_ids) -> None:
         self.c.copy_(features)
@@ -246,19 +251,6 @@ class GraphedForward:
         self.t.copy_(t)
         self.graph.replay()
         return self.out
-
-
-class _static_rope:
-    """Make `model.rope(...)` return fixed tensors for the duration of a capture."""
-
-    def __init__(self, model, rope):
-        self.model, self.rope = model, rope
-
-    def __enter__(self):
-        self.model.rope = lambda *args, **kwargs: self.rope
-
-    def __exit__(self, *exc):
-        del self.model.rope
 
 
 def _default_layers():

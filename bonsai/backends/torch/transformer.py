@@ -234,7 +234,10 @@ class Flux2Transformer(nn.Module):
         cos, sin = rope_tables(ids, self.config.axes_dims_rope, self.config.rope_theta)  # [N, d], pairs repeated
         return torch.complex(cos[:, ::2], sin[:, ::2]).to(device)
 
-    def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids) -> torch.Tensor:
+    def forward(self, hidden_states, encoder_hidden_states, timestep, img_ids=None, txt_ids=None,
+                rope=None) -> torch.Tensor:
+        """rope: precomputed `self.rope(img_ids, txt_ids, device)`, reused across denoising steps (and fixed in a
+        CUDA graph capture)."""
         x, c = hidden_states, encoder_hidden_states
         # The pipeline passes sigma; the model embeds sigma * 1000, rounded to the model dtype first.
         temb = self.time_guidance_embed(timestep.to(x.dtype) * 1000)
@@ -243,7 +246,7 @@ class Flux2Transformer(nn.Module):
         mod_single = self.single_stream_modulation(temb)
 
         x, c = self.x_embedder(x), self.context_embedder(c)
-        rope = self.rope(img_ids, txt_ids, x.device)
+        rope = rope if rope is not None else self.rope(img_ids, txt_ids, x.device)
         for block in self.transformer_blocks:
             x, c = block(x, c, mod_img, mod_txt, rope)
 
