@@ -1,4 +1,4 @@
-"""CUDA benchmark, one run, side by side: per-linear TFLOP/s, full 4B transformer steps, end-to-end images.
+"""CUDA kernel benchmark, one run, side by side: per-linear TFLOP/s and full 4B transformer steps.
 
     python benchmarks/bench_cuda.py --out benchmarks/results/h100
 
@@ -6,9 +6,8 @@ Per linear (every FLUX.2 klein 4B shape x M tokens): our GEMMs (Triton expand + 
 the per-shape "auto" pick, fp8 activations), gemlite with 8-bit packing (the released layout, loaded as stored),
 dense cuBLAS bf16. Per step: the full 4B transformer (5 double + 20
 single blocks, random weights built in memory) with each linear kind at 512^2 and 1024^2, eager and as one CUDA
-graph, with weights / steady / peak VRAM; a torch.profiler breakdown by kernel category. End to end: encode
-(random Qwen3-4B, 27 layers) + 4 steps + VAE decode, warm median of 5 and the first image. Writes OUT.json and
-OUT.md; prints rows as it goes.
+graph, with weights / steady / peak VRAM; a torch.profiler breakdown by kernel category. Whole images through
+`bonsai.Pipeline` are benchmarked by bench_pipeline.py. Writes OUT.json and OUT.md; prints rows as it goes.
 """
 
 from __future__ import annotations
@@ -86,16 +85,18 @@ def tflops(m, k, n, ms):
 def bench_linears(dtype, with_gemlite, kinds):
     """Every FLUX shape x M: dense cuBLAS, each of our GEMMs (best Triton config per shape), what linear="auto"
     picked, fp8 activations, gemlite; fp8's error is against the bf16 output on the same input."""
-    from bonsai.backends.cuda import choice
+    from bonsai.backends.cuda.choice import GemmChoices
     from bonsai.backends.cuda.kernels import expand_lowbit, quantize_fp8
-    from bonsai.backends.cuda.linear import FastLowBitLinear, _run, candidates
+    from bonsai.backends.cuda.linear import FastLowBitLinear, Workspace, _run, candidates
 
     gen = torch.Generator("cuda").manual_seed(0)
+    ws, choices = Workspace("cuda"), GemmChoices()
     rows = []
     for kind in kinds:
         for name, k, n in FLUX_SHAPES:
             w = random_lowbit(n, k, kind, gen)
-            auto, auto8 = FastLowBitLinear(w), FastLowBitLinear(w, activations="fp8")
+            auto = FastLowBitLinear(w, workspace=ws, choices=choices)
+            auto8 = FastLowBitLinear(w, activations="fp8", workspace=ws, choices=choices)
             wd = dense_weight(w, dtype)
             gl = gemlite_released(w, dtype=dtype) if with_gemlite else None
             scratch = torch.empty(n, k, device="cuda", dtype=dtype)
@@ -103,16 +104,17 @@ def bench_linears(dtype, with_gemlite, kinds):
             for m in MS:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 x8 = quantize_fp8(x)
-                run = {c: (lambda c=c, x8=None: _run(c, x, w.packed, w.scales, w.bits, 128, k, x8))
+                s16, s8 = ws.buffer(dtype, n * k), ws.buffer(torch.float8_e4m3fn, n * k)
+                run = {c: (lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, s16))
                        for c in candidates("auto", False, m)}
                 t = {c: bench_ms(fn) for c, fn in run.items()}
-                t8 = {c: bench_ms(lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, x8))
+                t8 = {c: bench_ms(lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, s8, x8))
                       for c in candidates("auto", True, m)}
                 fused = min((c for c in t if c.startswith("fused")), key=t.get)
                 best8 = min(t8, key=t8.get)
                 auto(x)  # measures and records the choice for this M
                 auto8(x)
-                picked = choice.get(choice.key(str(dtype).removeprefix("torch."), w.bits, n, k, m))
+                picked = choices.get(auto.gemm_key(m, dtype))
                 ref = F.linear(x, wd).float()
                 err8 = ((auto8(x).float() - ref).norm() / ref.norm()).item()
                 row = dict(kind=kind, linear=name, K=k, N=n, M=m, dense_ms=bench_ms(lambda: F.linear(x, wd)),
@@ -156,15 +158,18 @@ def random_model_tensors(cfg, kind, seed=0):
     return out
 
 
-def linear_makers(dtype):
+def linear_makers(dtype, workspace, choices):
+    """make_linear per impl; ours share `workspace` and `choices` (what one CudaRuntime holds)."""
     from bonsai.backends.cuda.linear import make_linear_factory
 
     def dense(w, device="cuda", dtype=dtype):
         return dense_linear(w.to(device), device=device, dtype=dtype)
 
-    return {"ours": make_linear_factory("auto"), "ours_expand": make_linear_factory("expand"),
-            "ours_fused": make_linear_factory("fused"), "ours_fp8": make_linear_factory("auto", "fp8"),
-            "gemlite": gemlite_released, "dense_bf16": dense}
+    def ours(linear, activations=None):
+        return make_linear_factory(linear, activations, workspace=workspace, choices=choices)
+
+    return {"ours": ours("auto"), "ours_expand": ours("expand"), "ours_fused": ours("fused"),
+            "ours_fp8": ours("auto", "fp8"), "gemlite": gemlite_released, "dense_bf16": dense}
 
 
 def gb(nbytes) -> float:
@@ -174,15 +179,16 @@ def gb(nbytes) -> float:
 def graphed_step_ms(model, args, reps) -> float:
     """Median step time replaying one CUDA graph of the forward (no CPU launch cost), as CudaRuntime runs it."""
     from bonsai.backends.cuda.runtime import GraphedForward
+    from bonsai.backends.torch.runtime import Cond
 
     x, c, t, img, txt = args
     with torch.inference_mode():
-        run = GraphedForward(model, x, c, img, txt)
+        run = GraphedForward(model, tuple(x.shape), Cond(c, model.rope(img, txt, x.device)), x.dtype)
         times = []
         for _ in range(reps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            run(x, t)
+            run(x, float(t[0]))
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     del run
@@ -191,16 +197,18 @@ def graphed_step_ms(model, args, reps) -> float:
 
 def bench_steps(dtype, impls, kinds, reps=7):
     from bonsai import latents
-    from bonsai.backends.cuda.linear import release_scratch
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import Workspace
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.config import KLEIN_4B
 
-    makers = linear_makers(dtype)
+    ws = Workspace("cuda")
+    makers = linear_makers(dtype, ws, GemmChoices())
     rows = []
     for kind in kinds:
         tensors = random_model_tensors(KLEIN_4B, kind)
         for impl in impls:
-            release_scratch()
+            ws.release()
             gc.collect()  # the previous model may sit in a reference cycle
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
@@ -213,7 +221,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
                 c = torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype)
                 t = torch.full((1,), 0.5, device="cuda", dtype=dtype)
                 img, txt = latents.img_ids(h, w).cuda(), latents.txt_ids(TEXT_TOKENS).cuda()
-                release_scratch()  # so the scratch allocation shows in this size's peak
+                ws.release()  # so the scratch allocation shows in this size's peak
                 gc.collect()
                 torch.cuda.reset_peak_memory_stats()
                 times = []
@@ -237,7 +245,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
                 del x, c
             del model
         del tensors
-    release_scratch()
+    ws.release()
     torch.cuda.empty_cache()
     return rows
 
@@ -260,14 +268,17 @@ def bench_profile(dtype, impls, kind="ternary"):
     from torch.profiler import ProfilerActivity, profile
 
     from bonsai import latents
-    from bonsai.backends.cuda.linear import release_scratch
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import Workspace
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.config import KLEIN_4B
 
     tensors = random_model_tensors(KLEIN_4B, kind)
+    ws = Workspace("cuda")
+    makers = linear_makers(dtype, ws, GemmChoices())
     rows = []
     for impl in impls:
-        model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=linear_makers(dtype)[impl])
+        model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl])
         for hgt, wid in SIZES.values():
             h, w = latents.latent_size(hgt, wid)
             args = (torch.randn(1, h * w, 128, device="cuda", dtype=dtype),
@@ -290,133 +301,9 @@ def bench_profile(dtype, impls, kind="ternary"):
             rows.append(row)
             print("profile", row, flush=True)
         del model
-        release_scratch()
+        ws.release()
     del tensors
     gc.collect()
-    torch.cuda.empty_cache()
-    return rows
-
-
-QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)
-
-
-def random_text_encoder(dtype, text_encoder="dense"):
-    """Qwen3-4B cut to the 27 layers the features need, random weights made on the GPU: dense bf16, or "4bit"
-    (the HQQ pack's form, kept 4-bit by CudaRuntime: g64 codes, fp16 scale/zero)."""
-    import transformers
-
-    from bonsai.backends.cuda.linear import FastInt4Linear
-    from bonsai.backends.torch.text_encoder import load_text_encoder
-    from bonsai.quant.qwen4bit import Int4Weight
-    from bonsai.prompt import FEATURE_LAYERS
-    from bonsai.weights import qwen3_config
-
-    config = qwen3_config(QWEN3_4B, max(FEATURE_LAYERS))
-    with torch.device("meta"):
-        model = transformers.Qwen3Model(config)
-    gen = torch.Generator("cuda").manual_seed(1)
-    state = {}
-    for key, meta in model.state_dict().items():
-        shape = tuple(meta.shape)
-        if len(shape) == 2 and text_encoder == "4bit" and key.startswith("layers."):
-            out_f, in_f = shape
-            t = Int4Weight(torch.randint(0, 256, (out_f, in_f // 2), generator=gen, device="cuda", dtype=torch.uint8),
-                           (torch.rand(out_f, in_f // 64, generator=gen, device="cuda") / 8 / math.sqrt(in_f)).half(),
-                           torch.full((out_f, in_f // 64), 7.5, device="cuda", dtype=torch.float16), 64)
-        elif len(shape) == 2:
-            t = torch.randn(shape, generator=gen, device="cuda", dtype=dtype) / math.sqrt(shape[1])
-        else:
-            t = torch.ones(shape, device="cuda", dtype=dtype)
-        state["model." + key] = t
-    return load_text_encoder(config, state, device="cuda", dtype=dtype, make_linear=FastInt4Linear)
-
-
-def build_runtime(kind, impl, dtype, text_encoder, mode="graphs"):
-    """A CudaRuntime of the real 4B shapes (random weights built in memory, no files)."""
-    from bonsai import testing
-    from bonsai.backends.cuda.runtime import CudaRuntime
-    from bonsai.backends.torch.transformer import load_transformer
-    from bonsai.backends.torch.vae import load_vae_decoder
-    from bonsai.config import FLUX2_VAE, KLEIN_4B
-    from bonsai.prompt import FEATURE_LAYERS
-
-    tensors = random_model_tensors(KLEIN_4B, kind)
-    transformer = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=linear_makers(dtype)[impl])
-    del tensors
-    vae = load_vae_decoder(testing.random_vae(FLUX2_VAE), FLUX2_VAE, device="cuda", dtype=dtype)
-    rt = CudaRuntime(Path("."), transformer, vae, torch.device("cuda"), dtype, FEATURE_LAYERS, keep_text_encoder=True)
-    rt._text_encoder = text_encoder
-    rt.linear = impl
-    rt.configure(cuda_graphs="graphs" in mode, compile="compile" in mode)
-    return rt
-
-
-def render(rt, height, width, steps=4):
-    """encode (512 tokens) + `steps` Euler steps + VAE decode; returns (stage seconds, uint8 image)."""
-    from bonsai import latents, scheduler
-
-    ids = torch.randint(0, rt._load_text_encoder().config.vocab_size, (1, TEXT_TOKENS))
-    mask = torch.ones_like(ids)
-    h, w = latents.latent_size(height, width)
-    sigmas = scheduler.sigmas(steps, h * w)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    feats = rt.encode(ids, mask)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    noise = latents.pack(latents.noise(0, height, width, dtype=rt.dtype)).float()
-    x = rt.denoise(noise, feats, sigmas, latents.img_ids(h, w), latents.txt_ids(TEXT_TOKENS))
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    img = rt.decode(x, height, width)
-    t3 = time.perf_counter()
-    return dict(encode_s=t1 - t0, denoise_s=t2 - t1, decode_s=t3 - t2, total_s=t3 - t0), img
-
-
-def bench_e2e(dtype, impls, kinds, modes=("graphs",), text_encoders=("4bit", "dense"), reps=5):
-    from bonsai.backends.cuda.linear import release_scratch
-
-    rows = []
-    # torch.compile and the 4-bit text encoder are measured with our linears only; the others run as they come.
-    combos = [(k, i, m, te) for k in kinds for i in impls for m in modes for te in text_encoders
-              if i.startswith("ours") or ("compile" not in m and te == "dense")]
-    te_name = te = None
-    for kind, impl, mode, te_kind in combos:
-        release_scratch()
-        gc.collect()
-        torch.cuda.empty_cache()
-        if te_kind != te_name:
-            te = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            te, te_name = random_text_encoder(dtype, te_kind), te_kind
-            te_gb = gb(torch.cuda.memory_allocated() - base)
-        t0 = time.perf_counter()
-        rt = build_runtime(kind, impl, dtype, te, mode)
-        build_s = time.perf_counter() - t0
-        for hgt, wid in SIZES.values():
-            first, _ = render(rt, hgt, wid)  # cold at this size: Triton JIT / gemlite autotune
-            runs = []
-            for _ in range(reps):
-                release_scratch()
-                torch.cuda.reset_peak_memory_stats()
-                stages, img = render(rt, hgt, wid)
-                stages["peak_gb"] = gb(torch.cuda.max_memory_allocated())
-                runs.append(stages)
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            row = dict(kind=kind, impl=impl, mode=mode, text_encoder=te_kind, size=f"{hgt}x{wid}", runs=reps,
-                       first_image_s=first["total_s"], build_s=build_s, text_encoder_gb=te_gb, **med)
-            rows.append(row)
-            print(f"e2e {kind:8s} {impl:8s} {mode:15s} TE {te_kind:5s} {row['size']:9s} first {first['total_s']:6.2f} s  warm median "
-                  f"{med['total_s'] * 1e3:7.1f} ms (encode {med['encode_s'] * 1e3:.1f}, denoise "
-                  f"{med['denoise_s'] * 1e3:.1f}, decode {med['decode_s'] * 1e3:.1f})  peak {med['peak_gb']:.2f} GB",
-                  flush=True)
-        del rt
-    del te
-    release_scratch()
     torch.cuda.empty_cache()
     return rows
 
@@ -463,17 +350,6 @@ def markdown(result) -> str:
             lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['graph_step_ms']:.1f} ms "
                          f"| {r['first_step_s']:.2f} s "
                          f"| {r['weights_gb']:.2f} GB | {r['steady_gb']:.2f} GB | {r['peak_gb']:.2f} GB |")
-    if result.get("e2e"):
-        lines += ["", "End to end (encode 512 tokens + 4 steps + VAE decode; warm median of 5; text encoder Qwen3-4B "
-                  "27 layers, dense bf16 or 4-bit (HQQ g64, expanded per layer), kept resident, its VRAM in "
-                  "the last column):", "",
-                  "| kind | linears | mode | text encoder | size | total | encode | denoise | decode | first image "
-                  "| peak VRAM | TE VRAM |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["e2e"]:
-            lines.append(f"| {r['kind']} | {r['impl']} | {r['mode']} | {r.get('text_encoder', 'dense')} | {r['size']} "
-                         f"| {r['total_s'] * 1e3:.0f} ms | "
-                         f"{r['encode_s'] * 1e3:.1f} ms | {r['denoise_s'] * 1e3:.1f} ms | {r['decode_s'] * 1e3:.1f} ms | "
-                         f"{r['first_image_s']:.2f} s | {r['peak_gb']:.2f} GB | {r['text_encoder_gb']:.2f} GB |")
     if result.get("profile"):
         cats = sorted({k for r in result["profile"] for k in r} - {"kind", "impl", "size", "gpu_ms"})
         lines += ["", "GPU time of one eager step by kernel category (torch.profiler, ms):", "",
@@ -487,15 +363,11 @@ def markdown(result) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/h100", help="output prefix (writes .json and .md)")
-    p.add_argument("--sections", default="linear,step,e2e")
+    p.add_argument("--sections", default="linear,step", help="comma list of linear | step | profile")
     p.add_argument("--linear-kinds", default="ternary")
     p.add_argument("--step-kinds", default="ternary,binary")
     p.add_argument("--impls", default="ours,ours_fp8,gemlite,dense_bf16",
                    help="ours (linear=auto), ours_expand, ours_fused, ours_fp8, gemlite, dense_bf16")
-    p.add_argument("--e2e-kinds", default="ternary,binary")
-    p.add_argument("--e2e-impls", default="ours,gemlite,dense_bf16")
-    p.add_argument("--e2e-modes", default="graphs,compile+graphs", help="comma list of eager | graphs | compile | compile+graphs")
-    p.add_argument("--e2e-text-encoders", default="4bit,dense", help="4bit (HQQ, kept 4-bit) | dense (bf16)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -513,7 +385,7 @@ def main(argv=None):
 
     sections = args.sections.split(",")
     tune_file = None
-    if "gemlite" in impls or "gemlite" in args.e2e_impls:
+    if "gemlite" in impls:
         from bonsai.backends.cuda import gemlite as glb
 
         tune_file = glb.autotune_cache_path()
@@ -529,10 +401,6 @@ def main(argv=None):
             result["profile"] = bench_profile(dtype, [i for i in impls if i != "gemlite"])
         except Exception as e:  # a profiler quirk must not cost the other sections
             print(f"profile section failed: {type(e).__name__}: {e}", flush=True)
-        save()
-    if "e2e" in sections:
-        result["e2e"] = bench_e2e(dtype, args.e2e_impls.split(","), args.e2e_kinds.split(","),
-                                  args.e2e_modes.split(","), args.e2e_text_encoders.split(","))
         save()
     if tune_file is not None:
         glb.save_autotune(tune_file)

@@ -68,27 +68,35 @@ def gemlite_tuned():
 @pytest.mark.parametrize("in_f,out_f", FLUX_SHAPES)
 def test_fast_path_flux_shapes(weights, kind, in_f, out_f):
     """Every GEMM the fast path may pick (expand + cuBLAS, each fused Triton config), and the measured "auto"."""
-    from bonsai.backends.cuda import choice
     from bonsai.backends.cuda import linear as cl
+    from bonsai.backends.cuda.choice import GemmChoices
 
     w, codes, scales = weights(in_f, out_f, kind)
-    layer = cl.FastLowBitLinear(w, device="cuda", linear="auto")
+    ws, choices = cl.Workspace("cuda"), GemmChoices()
+    layer = cl.FastLowBitLinear(w, device="cuda", linear="auto", workspace=ws, choices=choices)
     for dtype in (torch.bfloat16, torch.float16):
         for m in MS:
             x = torch.randn(m, in_f, device="cuda").to(dtype)
             ref = reference(x, codes, scales, dtype)
             for impl in cl.candidates("auto", False, m):
-                cl.scratch(in_f * out_f, "cuda", dtype).fill_(float("nan"))
+                scratch = ws.buffer(dtype, in_f * out_f)
+                scratch.fill_(float("nan"))
                 poison(m * out_f, dtype)
-                y = cl._run(impl, x, layer.packed, layer.scales, layer.bits, 128, in_f)
+                y = cl._run(impl, x, layer.packed, layer.scales, layer.bits, 128, in_f, scratch)
                 assert y.dtype == dtype and y.shape == (m, out_f)
                 assert torch.isfinite(y).all(), impl
                 assert rel(y, ref) < 3e-3, (impl, dtype, m)
             poison(m * out_f, dtype)
             y = layer(x.view(1, m, in_f))  # leading dims are kept
             assert y.shape == (1, m, out_f) and rel(y.view(m, out_f), ref) < 3e-3, (dtype, m)
-            picked = choice.get(choice.key(str(dtype).removeprefix("torch."), layer.bits, out_f, in_f, m))
+            picked = choices.get(layer.gemm_key(m, dtype))
             assert picked in cl.candidates("auto", False, m)
+            # The op torch.compile calls runs the same GEMM on the same scratch.
+            poison(m * out_f, dtype)
+            y = cl.lowbit_linear(x, layer.packed, layer.scales, ws.buffer(dtype, in_f * out_f), layer.bits, 128,
+                                 in_f, picked)
+            assert torch.isfinite(y).all() and rel(y, ref) < 3e-3, (picked, dtype, m)
+    assert len(choices) == 2 * len(MS) and choices.unsaved  # one measured choice per (dtype, M)
 
 
 def fp8_reference(x):
@@ -106,10 +114,13 @@ def test_fp8_path_flux_shapes(weights, kind, in_f, out_f):
     """fp8 activations: the kernels equal the matmul of the torch-quantized input (exact weights); the error
     against the unquantized input is printed (it is the price of fp8, not a kernel error)."""
     from bonsai.backends.cuda import linear as cl
+    from bonsai.backends.cuda.choice import GemmChoices
     from bonsai.backends.cuda.kernels import quantize_fp8
 
     w, codes, scales = weights(in_f, out_f, kind)
-    layer = cl.FastLowBitLinear(w, device="cuda", linear="auto", activations="fp8")
+    ws = cl.Workspace("cuda")
+    layer = cl.FastLowBitLinear(w, device="cuda", linear="auto", activations="fp8", workspace=ws,
+                                choices=GemmChoices())
     dtype = torch.bfloat16
     errs = []
     for m in MS:
@@ -122,9 +133,10 @@ def test_fp8_path_flux_shapes(weights, kind, in_f, out_f):
         assert differ < 1e-3, differ
         ref = reference(xq, codes, scales, torch.float32)
         for impl in cl.candidates("auto", True, m):
-            cl.scratch(in_f * out_f, "cuda", torch.float8_e4m3fn).view(torch.uint8).fill_(0x7F)  # e4m3 NaN
+            scratch = ws.buffer(torch.float8_e4m3fn, in_f * out_f)
+            scratch.view(torch.uint8).fill_(0x7F)  # e4m3 NaN
             poison(m * out_f, dtype)
-            y = cl._run(impl, x, layer.packed, layer.scales, layer.bits, 128, in_f, x8=(q_ref, s_ref))
+            y = cl._run(impl, x, layer.packed, layer.scales, layer.bits, 128, in_f, scratch, x8=(q_ref, s_ref))
             assert y.dtype == dtype and torch.isfinite(y).all(), impl
             assert rel(y, ref) < 3e-3, (impl, m)
         y = layer(x)
@@ -177,8 +189,33 @@ def test_gemlite_packed_from_lowbit(weights, gemlite_tuned, kind, dtype, in_f, o
 
 
 def test_fast_linear_rejects_wrong_width(weights):
-    from bonsai.backends.cuda.linear import FastLowBitLinear
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import FastLowBitLinear, Workspace
 
     w, _, _ = weights(3072, 3072, "ternary")
+    layer = FastLowBitLinear(w, workspace=Workspace("cuda"), choices=GemmChoices())
     with pytest.raises(ValueError, match="in_features"):
-        FastLowBitLinear(w)(torch.zeros(2, 1024, device="cuda", dtype=torch.bfloat16))
+        layer(torch.zeros(2, 1024, device="cuda", dtype=torch.bfloat16))
+
+
+def test_measured_choice_is_kept_by_its_table_only(weights, tmp_path):
+    """Two tables (two runtimes) keep their own choices; a table loaded from a saved file gives its choice
+    without measuring again (no candidate is timed: its record keeps the times of the first measurement)."""
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import FastLowBitLinear, Workspace, candidates
+
+    w, codes, scales = weights(3072, 3072, "ternary")
+    x = torch.randn(1536, 3072, device="cuda", dtype=torch.bfloat16)
+    ref = reference(x, codes, scales, torch.bfloat16)
+    a, b = GemmChoices(), GemmChoices()
+    la = FastLowBitLinear(w, workspace=Workspace("cuda"), choices=a)
+    assert rel(la(x), ref) < 3e-3
+    key = la.gemm_key(1536, torch.bfloat16)
+    (record,) = a.records()
+    assert record.key == key and b.get(key) is None
+    assert set(dict(record.times_ms)) <= set(candidates("auto", False, 1536)) and record.impl in dict(record.times_ms)
+    a.save(tmp_path / "gemm.json")
+    assert b.load(tmp_path / "gemm.json") and b.get(key) == record.impl
+    lb = FastLowBitLinear(w, workspace=Workspace("cuda"), choices=b)
+    assert rel(lb(x), ref) < 3e-3
+    assert b.records() == [record] and not b.unsaved  # nothing was measured again

@@ -56,6 +56,14 @@ def inputs(cfg, h=8, w=8, n_txt=32, seed=1):
     return x, c, t, latents.img_ids(h, w), latents.txt_ids(n_txt)
 
 
+def fast_linears(linear, activations=None):
+    """make_linear for our CUDA linears with a fresh workspace and choice table (what one runtime holds)."""
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import Workspace, make_linear_factory
+
+    return make_linear_factory(linear, activations, workspace=Workspace("cuda"), choices=GemmChoices())
+
+
 def run(model, args, dtype):
     x, c, t, img, txt = args
     with torch.inference_mode():
@@ -83,7 +91,6 @@ def gemlite_autotune_cache():
 def test_cuda_transformer_matches_torch_backend(kind, linear, size):
     if linear.startswith("gemlite"):
         pytest.importorskip("gemlite")
-    from bonsai.backends.cuda.linear import make_linear_factory
     from bonsai.backends.torch.linear import LowBitLinear
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.config import TransformerConfig
@@ -102,7 +109,7 @@ def test_cuda_transformer_matches_torch_backend(kind, linear, size):
 
         tensors = {k: GemliteState(v.to_gemlite()) if isinstance(v, LowBitWeight) else v for k, v in tensors.items()}
         linear = "gemlite"
-    model = load_transformer(tensors, cfg, device="cuda", dtype=dtype, make_linear=make_linear_factory(linear))
+    model = load_transformer(tensors, cfg, device="cuda", dtype=dtype, make_linear=fast_linears(linear))
     y = run(model, args, dtype)
     assert torch.isfinite(y).all()
     err = ((y - ref).norm() / ref.norm()).item()
@@ -113,7 +120,6 @@ def test_cuda_transformer_matches_torch_backend(kind, linear, size):
 def test_cuda_transformer_fp8_activations(kind):
     """fp8 activations are an approximation: the error against the bf16 torch backend is reported, and bounded
     loosely so that a broken scale or layout (errors of order 1) fails."""
-    from bonsai.backends.cuda.linear import make_linear_factory
     from bonsai.backends.torch.linear import LowBitLinear
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.config import TransformerConfig
@@ -126,12 +132,87 @@ def test_cuda_transformer_fp8_activations(kind):
     errs = {}
     for linear in ("expand", "fused"):
         model = load_transformer(tensors, cfg, device="cuda", dtype=dtype,
-                                 make_linear=make_linear_factory(linear, activations="fp8"))
+                                 make_linear=fast_linears(linear, activations="fp8"))
         y = run(model, args, dtype)
         assert torch.isfinite(y).all()
         errs[linear] = ((y - ref).norm() / ref.norm()).item()
     print(f"fp8 activations, {kind}, 3 real-width blocks: rel err vs bf16 torch backend {errs}")
     assert max(errs.values()) < 0.1, errs
+
+
+@pytest.mark.parametrize("linear", ["auto", "gemlite"])
+def test_graphed_forward_replays_the_eager_forward(linear):
+    """GraphedForward (rope passed in, no patching of the model) equals the eager forward; new ids refresh its
+    RoPE buffer; a released workspace does not break replay (the graph keeps its buffers alive)."""
+    if linear == "gemlite":
+        pytest.importorskip("gemlite")
+    from bonsai import latents
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import Workspace, make_linear_factory
+    from bonsai.backends.cuda.runtime import GraphedForward
+    from bonsai.backends.torch.runtime import Cond
+    from bonsai.backends.torch.transformer import load_transformer
+    from bonsai.config import TransformerConfig
+
+    cfg = TransformerConfig(**TINY)
+    dtype = torch.bfloat16
+    ws = Workspace("cuda")
+    model = load_transformer(random_tensors(cfg, "ternary"), cfg, device="cuda", dtype=dtype,
+                             make_linear=make_linear_factory(linear, workspace=ws, choices=GemmChoices()))
+    x, c, t, img, txt = (a.cuda() for a in inputs(cfg, h=8, w=8, n_txt=32))
+    x, c, t = x.to(dtype), c.to(dtype), t.to(dtype)
+    with torch.inference_mode():
+        run = GraphedForward(model, tuple(x.shape), Cond(c, model.rope(img, txt, "cuda")), dtype)
+        eager = model(x, c, t, img, txt).float()
+        got = run(x, float(t[0])).float()
+        assert ((got - eager).norm() / eager.norm()).item() < 1e-3
+        # Other positions (a transposed 8x8 grid, shifted text ids), same shapes: set_context refreshes RoPE.
+        img2, txt2 = img[:, [0, 2, 1, 3]].contiguous(), txt.clone()
+        txt2[:, 3] += 5
+        run.set_context(Cond(c, model.rope(img2, txt2, "cuda")))
+        eager2 = model(x, c, t, img2, txt2).float()
+        assert ((eager2 - eager).norm() / eager.norm()).item() > 1e-2  # the test can tell the two apart
+        if linear != "gemlite":
+            assert ws.buffers()  # the fast layers expanded into it
+        ws.release()
+        # Freed memory of the scratch's size would be handed to the next allocation of that size: replaying a
+        # graph whose scratch was not kept alive would overwrite this probe.
+        probe = torch.full((max(ws.numel, 1),), 7.0, device="cuda", dtype=dtype)
+        got2 = run(x, float(t[0])).float()
+        assert torch.all(probe == 7.0)
+        other = torch.randn(1, 16 * 16, cfg.in_channels, device="cuda", dtype=dtype)
+        model(other, c, t, latents.img_ids(16, 16).cuda(), txt2)  # eager at another size: the workspace is re-made
+        got3 = run(x, float(t[0])).float()
+    assert ((got2 - eager2).norm() / eager2.norm()).item() < 1e-3
+    assert torch.equal(got3, got2)
+
+
+@pytest.mark.parametrize("activations", [None, "fp8"])
+def test_compiled_blocks_match_eager(activations):
+    """torch.compile of each block (as CudaRuntime(compile=True) does): the op gets its scratch and GEMM name as
+    arguments, chosen while tracing; the output equals the eager model's."""
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import Workspace, make_linear_factory
+    from bonsai.backends.torch.transformer import load_transformer
+    from bonsai.config import TransformerConfig
+
+    cfg = TransformerConfig(**TINY)
+    dtype = torch.bfloat16
+    tensors = random_tensors(cfg, "binary")
+    args = inputs(cfg, h=8, w=8, n_txt=32)
+    ref = run(load_transformer(tensors, cfg, device="cuda", dtype=dtype,
+                               make_linear=fast_linears("auto", activations)), args, dtype)
+    choices = GemmChoices()
+    model = load_transformer(tensors, cfg, device="cuda", dtype=dtype,
+                             make_linear=make_linear_factory("auto", activations, workspace=Workspace("cuda"),
+                                                             choices=choices))
+    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
+        block.compile(dynamic=False)
+    y = run(model, args, dtype)
+    assert torch.isfinite(y).all()
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+    assert len(choices) > 0  # the trace measured (on random data of the layers' shapes) and recorded its choices
+    assert torch.equal(run(model, args, dtype), y)  # replaying the compiled code is deterministic
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +236,11 @@ def test_pipeline_renders_gemlite_repo_on_cuda(gemlite_repo, linear):
         layer = pipe.runtime.transformer.transformer_blocks[0].attn.to_q
         assert type(layer).__name__ == "GemLiteLinearTriton" and layer.W_q.dtype == torch.uint8
     assert pipe.runtime.cuda_graphs  # the default: each step replays a captured forward
-    pipe.runtime.warmup(sizes=((64, 64),), text_tokens=512)
+    pipe.warmup([(64, 64)])
     got = np.asarray(pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
-    pipe.runtime.configure(cuda_graphs=False)
-    eager = np.asarray(pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
+    eager_pipe = Pipeline.from_pretrained(gemlite_repo, backend="cuda", linear=linear, cuda_graphs=False)
+    eager = np.asarray(eager_pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0],
+                       np.float32)
     assert np.abs(got - eager).max() <= 1.0  # replay runs the same kernels as eager
     ref_pipe = Pipeline.from_pretrained(gemlite_repo, backend="torch", device="cuda", dtype=torch.bfloat16)
     ref = np.asarray(ref_pipe("a red fox", width=64, height=64, steps=2, seed=3, progress=False).images[0], np.float32)
@@ -174,7 +256,7 @@ def test_cuda_text_encoder_4bit_matches_dense(gemlite_repo):
     feats = {}
     for te in ("4bit", "dense"):
         rt = CudaRuntime.load(gemlite_repo, linear="expand", text_encoder=te, keep_text_encoder=True)
-        model = rt._load_text_encoder()
+        model = rt.text_encoder.get()
         assert isinstance(model.layers[0].mlp.up_proj, FastInt4Linear) == (te == "4bit")
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=g)

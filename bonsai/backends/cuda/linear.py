@@ -1,5 +1,9 @@
 """CUDA low-bit linear, fast path: packed codes resident; per call either expanded into a shared scratch for
-cuBLAS, or fed to our Triton GEMM that unpacks in the K loop, whichever measured faster for the shape."""
+cuBLAS, or fed to our Triton GEMM that unpacks in the K loop, whichever measured faster for the shape.
+
+The state the layers share belongs to objects the runtime creates and passes to each layer: a `Workspace` (the
+expand scratch of one device) and a `choice.GemmChoices` table (the measured GEMM per shape).
+"""
 
 from __future__ import annotations
 
@@ -8,34 +12,45 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ...errors import BonsaiValueError
 from ..torch.linear import Int4Linear, LowBitLinear
-from . import choice
+from .choice import GemmChoices, GemmKey
 from .kernels import GEMM_CONFIGS, expand_lowbit, lowbit_gemm, quantize_fp8
 
-# One scratch per (device, dtype), grown to the largest layer seen. Layers run one after another on one
-# stream, so a single buffer is never read and written at the same time.
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
+class Workspace:
+    """The expand scratch of one device: one flat buffer per dtype, shared by every layer built against it and
+    grown to the largest layer that ran. `numel` is the largest layer built against it (`require`, called by
+    each layer's constructor), the size a torch.compile trace allocates up front.
 
-def scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A flat buffer of at least `numel` elements, shared by every layer on this device and dtype."""
-    key = (torch.device(device), dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        _SCRATCH.pop(key, None)
-        buf = torch.empty(numel, device=device, dtype=dtype)
-        _SCRATCH[key] = buf
-    return buf[:numel]
+    Layers run one after another on one stream, so a single buffer per dtype is never read and written at the
+    same time; layers run concurrently (another stream, another thread) need a workspace each.
+    """
 
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.numel = 0
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
-def scratch_buffers() -> list[torch.Tensor]:
-    """The current scratch buffers (a CUDA graph captured against them must keep them alive)."""
-    return list(_SCRATCH.values())
+    def require(self, numel: int) -> None:
+        """Record a layer of `numel` elements (N * K) that will use this workspace; allocates nothing."""
+        self.numel = max(self.numel, int(numel))
 
+    def buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """The flat `dtype` buffer, grown to at least `numel` elements (allocated on first use)."""
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            self._buffers.pop(dtype, None)  # free the smaller one before allocating the larger
+            buf = self._buffers[dtype] = torch.empty(numel, device=self.device, dtype=dtype)
+        return buf
 
-def release_scratch() -> None:
-    """Drop the scratch buffers (they are re-made on the next call)."""
-    _SCRATCH.clear()
+    def buffers(self) -> list[torch.Tensor]:
+        """The buffers allocated now (a CUDA graph captured against them must keep them alive)."""
+        return list(self._buffers.values())
+
+    def release(self) -> None:
+        """Drop the buffers; the next call allocates them again."""
+        self._buffers.clear()
 
 
 def _config(name: str) -> tuple[int, ...]:
@@ -43,12 +58,13 @@ def _config(name: str) -> tuple[int, ...]:
 
 
 def _run(impl: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-         in_features: int, x8=None) -> torch.Tensor:
-    """One candidate on x [M, K]: "cublas" (expand to x.dtype, cuBLAS), "fused/<cfg>" (unpack in the K loop),
-    "expand8/<cfg>" (expand fp8 codes, block-scaled fp8 GEMM). x8 = quantize_fp8(x) selects fp8 activations."""
+         in_features: int, scratch: torch.Tensor, x8=None) -> torch.Tensor:
+    """One candidate on x [M, K]: "cublas" (expand into `scratch` of x.dtype, cuBLAS), "fused/<cfg>" (unpack in
+    the K loop; no scratch), "expand8/<cfg>" (expand fp8 codes into `scratch` of e4m3, block-scaled fp8 GEMM).
+    scratch: flat, at least N * K elements. x8 = quantize_fp8(x) selects fp8 activations."""
     n = packed.shape[0]
     if impl == "cublas":
-        w = scratch(n * in_features, x.device, x.dtype).view(n, in_features)  # [N, K]
+        w = scratch[: n * in_features].view(n, in_features)  # [N, K]
         expand_lowbit(packed, scales, bits, group_size, in_features, w)
         return F.linear(x, w)
     config = _config(impl)
@@ -57,7 +73,7 @@ def _run(impl: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
             return lowbit_gemm(x, packed, scales, bits, group_size, in_features, config=config)
         return lowbit_gemm(x8[0], packed, scales, bits, group_size, in_features, x_scales=x8[1],
                            out_dtype=x.dtype, config=config)
-    codes = scratch(n * in_features, x.device, torch.float8_e4m3fn).view(n, in_features)  # [N, K], t exact
+    codes = scratch[: n * in_features].view(n, in_features)  # [N, K] e4m3, t exact
     expand_lowbit(packed, None, bits, group_size, in_features, codes)
     return lowbit_gemm(x8[0], codes, scales, bits, group_size, in_features, x_scales=x8[1], out_dtype=x.dtype,
                        config=config)
@@ -71,107 +87,191 @@ def candidates(linear: str, fp8: bool, m: int) -> list[str]:
     return {"expand": expand, "fused": fused, "auto": expand + fused}[linear]
 
 
-def _lowbit_linear_impl(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                        in_features: int, linear: str = "expand", fp8: bool = False) -> torch.Tensor:
-    lead = x.shape[:-1]
-    x = x.reshape(-1, in_features)  # [M, K]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, n = x.shape[0], packed.shape[0]
-    x8 = quantize_fp8(x, group_size) if fp8 else None
+def scratch_dtype(linear: str, fp8: bool, dtype: torch.dtype) -> torch.dtype | None:
+    """The scratch dtype a layer's candidates write (None: "fused" has no expand step)."""
+    if linear == "fused":
+        return None
+    return torch.float8_e4m3fn if fp8 else dtype
+
+
+def gemm_key(linear: str, fp8: bool, bits: int, n: int, k: int, m: int, dtype: torch.dtype) -> GemmKey:
+    return GemmKey(linear, "fp8" if fp8 else str(dtype).removeprefix("torch."), bits, n, k, m)
+
+
+def _lookup(choices: GemmChoices, key: GemmKey, names: list[str], device: torch.device) -> str | None:
+    """The recorded choice, the only candidate, or the default where measuring cannot run; None: measure now."""
+    if len(names) == 1:
+        return names[0]
+    impl = choices.get(key)
+    if impl in names:  # a name from another kernel list (an older cache) is measured again
+        return impl
+    # Measuring synchronizes, which a CUDA graph capture must not do: captures use the default until an eager
+    # call (GraphedForward's warmup run) has measured this shape. It also needs CUDA events: elsewhere (the Triton
+    # interpreter in CI) the default runs.
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return names[0]
+    return None
+
+
+def _choose_in_trace(choices: GemmChoices, workspace: Workspace, linear: str, fp8: bool, bits: int,
+                     group_size: int, n: int, k: int, m: int, dtype: torch.dtype, device: torch.device) -> str:
+    # The GEMM of a torch.compile trace. Dynamo calls this eagerly while tracing and bakes the returned name into
+    # the graph (the mark below), so compiled code never looks at the table. The trace holds no real tensors, so
+    # a measurement runs on random codes and input of the layer's shapes (the kernels' time does not depend on
+    # the values); the arguments are shapes, not the layer, so blocks of one class keep sharing one graph. It
+    # also allocates the scratch for the workspace's largest layer, so the traced code only reads it (a buffer
+    # replaced in the middle of a trace would not be seen by it). Dynamic shapes (a symbolic M) cannot be baked:
+    # compile with dynamic=False, or each linear becomes a graph break.
     names = candidates(linear, fp8, m)
-    impl = names[0]
-    if len(names) > 1:
-        k = choice.key("fp8" if fp8 else str(x.dtype).removeprefix("torch."), bits, n, in_features, m)
-        impl = choice.get(k)
-        if impl is None:
-            # Measuring synchronizes, which a CUDA graph capture must not do: captures use the default until an
-            # eager call (GraphedForward's warmup run) has measured this shape.
-            capturing = torch.cuda.is_current_stream_capturing()
-            impl = names[0] if capturing else choice.measure(k, {
-                name: (lambda name=name: _run(name, x, packed, scales, bits, group_size, in_features, x8))
-                for name in names})
-    return _run(impl, x, packed, scales, bits, group_size, in_features, x8).view(*lead, n)
+    key = gemm_key(linear, fp8, bits, n, k, m, dtype)
+    sdt = scratch_dtype(linear, fp8, dtype)
+    scratch = workspace.buffer(sdt, max(workspace.numel, n * k)) if sdt is not None else None
+    impl = _lookup(choices, key, names, device)
+    if impl is not None:
+        return impl
+    with torch.no_grad():
+        packed = torch.randint(0, 256, (n, k * bits // 8), device=device, dtype=torch.uint8)
+        scales = torch.rand(n, k // group_size, device=device) / k ** 0.5
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        x8 = quantize_fp8(x, group_size) if fp8 else None
+        return choices.measure(key, {name: functools.partial(_run, name, x, packed, scales, bits, group_size, k,
+                                                             scratch, x8) for name in names})
 
 
-_OP = None
+# What torch.compiler.assume_constant_result sets, set directly: the public decorator imports torch._dynamo
+# (~0.8 s), a cost a runtime that never compiles should not pay at import.
+_choose_in_trace._dynamo_marked_constant = True
 
 
-def lowbit_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-                  in_features: int, linear: str = "expand", fp8: bool = False) -> torch.Tensor:
-    """x [..., K] @ W.T -> [..., N] from packed codes; a torch.library op (bonsai::lowbit_linear)."""
-    global _OP
-    if _OP is None:
-        _OP = _register_op()
-    return _OP(x, packed, scales, bits, group_size, in_features, linear, fp8)
-
-
-def _register_op():
-    # Registered on first use (no import-time work); the scratch is internal, so the op is functional
-    # from torch.compile's point of view.
-    @torch.library.custom_op("bonsai::lowbit_linear", mutates_args=())
-    def op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-           in_features: int, linear: str, fp8: bool) -> torch.Tensor:
-        return _lowbit_linear_impl(x, packed, scales, bits, group_size, in_features, linear, fp8)
+@functools.cache
+def _lowbit_linear_op():
+    # Registered on first use (no import-time work). The op reads no state of its own: the caller passes the
+    # scratch (declared as written, so torch.compile orders and reuses it correctly) and the GEMM's name.
+    @torch.library.custom_op("bonsai::lowbit_linear", mutates_args=("scratch",))
+    def op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, scratch: torch.Tensor, bits: int,
+           group_size: int, in_features: int, impl: str, fp8: bool) -> torch.Tensor:
+        x8 = quantize_fp8(x, group_size) if fp8 else None
+        return _run(impl, x, packed, scales, bits, group_size, in_features, scratch, x8)
 
     @op.register_fake
-    def _(x, packed, scales, bits, group_size, in_features, linear, fp8):
-        return x.new_empty(*x.shape[:-1], packed.shape[0])
+    def _(x, packed, scales, scratch, bits, group_size, in_features, impl, fp8):
+        return x.new_empty(x.shape[0], packed.shape[0])
 
     return op
+
+
+def lowbit_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, scratch: torch.Tensor, bits: int,
+                  group_size: int, in_features: int, impl: str, fp8: bool = False) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] from packed codes with the GEMM `impl` (see `candidates`); the torch.library op
+    bonsai::lowbit_linear. scratch: flat, >= N * K elements of the dtype `impl` expands into (unused by fused)."""
+    return _lowbit_linear_op()(x, packed, scales, scratch, bits, group_size, in_features, impl, fp8)
+
+
+def _check_workspace(workspace, device, layer: str) -> None:
+    if not isinstance(workspace, Workspace):
+        raise BonsaiValueError(f"{layer}: workspace must be a Workspace, got {type(workspace).__name__}")
+    if device is not None and torch.device(device).type != workspace.device.type:
+        raise BonsaiValueError(f"{layer}: workspace is on {workspace.device}, the layer on {device}")
 
 
 class FastLowBitLinear(LowBitLinear):
     """The torch backend's low-bit linear (same buffers) with our CUDA GEMMs.
 
-    linear: "expand" (codes expanded into a shared scratch, then cuBLAS), "fused" (our Triton GEMM unpacking in
-    the K loop) or "auto" (the faster of the two, measured per shape and token count). activations: "fp8" for
-    e4m3 activations with one scale per token and 128-group (fp8 tensor cores), else the input's dtype.
+    linear: "expand" (codes expanded into the workspace's scratch, then cuBLAS), "fused" (our Triton GEMM
+    unpacking in the K loop) or "auto" (the faster of the two, measured per shape and token count and recorded in
+    `choices`). activations: "fp8" for e4m3 activations with one scale per token and 128-group (fp8 tensor
+    cores), else the input's dtype. workspace, choices: shared by all layers of a runtime.
     """
 
     def __init__(self, weight, device="cuda", dtype: torch.dtype | None = None, linear: str = "auto",
-                 activations: str | None = None):
+                 activations: str | None = None, *, workspace: Workspace, choices: GemmChoices):
         super().__init__(weight, device=device, dtype=dtype)
         if linear not in ("auto", "expand", "fused"):
-            raise ValueError(f"linear must be 'auto', 'expand' or 'fused', got {linear!r}")
+            raise BonsaiValueError(f"linear must be 'auto', 'expand' or 'fused', got {linear!r}")
         if activations not in (None, "fp8"):
-            raise ValueError(f"activations must be None or 'fp8', got {activations!r}")
+            raise BonsaiValueError(f"activations must be None or 'fp8', got {activations!r}")
+        _check_workspace(workspace, device, "FastLowBitLinear")
+        if not isinstance(choices, GemmChoices):
+            raise BonsaiValueError(f"FastLowBitLinear: choices must be a GemmChoices, got {type(choices).__name__}")
         self.linear, self.fp8 = linear, activations == "fp8"
+        self.workspace, self.choices = workspace, choices
+        workspace.require(self.out_features * self.in_features)
+        _lowbit_linear_op()  # torch.compile traces a call to torch.ops.bonsai.lowbit_linear: it must exist by then
+
+    def gemm_key(self, m: int, dtype: torch.dtype) -> GemmKey:
+        """The choice table's key of this layer at M tokens of `dtype` input."""
+        return gemm_key(self.linear, self.fp8, self.bits, self.out_features, self.in_features, m, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
-        args = (x, self.packed, self.scales, self.bits, self.group_size, self.in_features, self.linear, self.fp8)
+            raise BonsaiValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
+        lead, n, k = x.shape[:-1], self.out_features, self.in_features
+        x = x.reshape(-1, k)  # [M, K]
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        m = x.shape[0]
+        sdt = scratch_dtype(self.linear, self.fp8, x.dtype)
         if torch.compiler.is_compiling():
-            return lowbit_linear(*args)
+            impl = _choose_in_trace(self.choices, self.workspace, self.linear, self.fp8, self.bits, self.group_size,
+                                    n, k, m, x.dtype, x.device)
+            scratch = self.workspace.buffer(sdt, n * k) if sdt is not None else x.new_empty(0)
+            y = torch.ops.bonsai.lowbit_linear(x, self.packed, self.scales, scratch, self.bits, self.group_size, k,
+                                               impl, self.fp8)
+            return y.view(*lead, n)
         # Eager: skip the custom-op dispatch (a few us per call, 100 calls per step).
-        return _lowbit_linear_impl(*args)
+        x8 = quantize_fp8(x, self.group_size) if self.fp8 else None
+        scratch = self.workspace.buffer(sdt, n * k) if sdt is not None else None
+        run = functools.partial(_run, x=x, packed=self.packed, scales=self.scales, bits=self.bits,
+                                group_size=self.group_size, in_features=k, scratch=scratch, x8=x8)
+        names = candidates(self.linear, self.fp8, m)
+        key = self.gemm_key(m, x.dtype)
+        impl = _lookup(self.choices, key, names, x.device)
+        if impl is None:
+            impl = self.choices.measure(key, {name: functools.partial(run, name) for name in names})
+        return run(impl).view(*lead, n)
 
 
 class FastInt4Linear(Int4Linear):
-    """The text encoder's HQQ 4-bit linear: codes expanded into the shared scratch, then cuBLAS (M = prompt tokens
-    is large enough for the GEMM to dominate, like the transformer's fast path)."""
+    """The text encoder's HQQ 4-bit linear: codes expanded into the workspace's scratch, then cuBLAS (M = prompt
+    tokens is large enough for the GEMM to dominate, like the transformer's fast path)."""
+
+    def __init__(self, weight, device=None, dtype: torch.dtype | None = None, *, workspace: Workspace):
+        super().__init__(weight, device=device, dtype=dtype)
+        _check_workspace(workspace, device, "FastInt4Linear")
+        self.workspace = workspace
+        workspace.require(self.out_features * self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        w = scratch(n * k, x.device, x.dtype).view(n, k)  # [N, K]
+        w = self.workspace.buffer(x.dtype, n * k)[: n * k].view(n, k)  # [N, K]
         expand_lowbit(self.packed, self.scale, 4, self.group_size, k, w, zeros=self.zero)
         return F.linear(x, w)
+
+
+def workspaces(model: torch.nn.Module) -> list[Workspace]:
+    """The distinct workspaces of the fast layers in `model`."""
+    found = {id(m.workspace): m.workspace for m in model.modules() if isinstance(m, (FastLowBitLinear, FastInt4Linear))}
+    return list(found.values())
 
 
 LINEARS = ("auto", "expand", "fused", "gemlite")
 
 
-def make_linear_factory(linear: str = "auto", activations: str | None = None):
-    """`make_linear(weight, device=, dtype=)` for the chosen CUDA linear (see FastLowBitLinear; or "gemlite")."""
+def make_linear_factory(linear: str = "auto", activations: str | None = None, *, workspace: Workspace | None = None,
+                        choices: GemmChoices | None = None):
+    """`make_linear(weight, device=, dtype=)` for the chosen CUDA linear (see FastLowBitLinear; or "gemlite").
+    Our linears ("auto", "expand", "fused") need the runtime's `workspace` and `choices`; gemlite uses neither."""
     if linear not in LINEARS:
-        raise ValueError(f"linear must be one of {LINEARS}, got {linear!r}")
+        raise BonsaiValueError(f"linear must be one of {LINEARS}, got {linear!r}")
     if activations not in (None, "fp8"):
-        raise ValueError(f"activations must be None or 'fp8', got {activations!r}")
+        raise BonsaiValueError(f"activations must be None or 'fp8', got {activations!r}")
     if linear == "gemlite":
         if activations is not None:
-            raise ValueError("activations='fp8' needs linear 'auto', 'expand' or 'fused', not 'gemlite'")
+            raise BonsaiValueError("activations='fp8' needs linear 'auto', 'expand' or 'fused', not 'gemlite'")
         from .gemlite import make_gemlite_linear
 
         return make_gemlite_linear
-    return functools.partial(FastLowBitLinear, linear=linear, activations=activations)
+    if workspace is None or choices is None:
+        raise BonsaiValueError(f"make_linear_factory: linear={linear!r} needs workspace= and choices=")
+    return functools.partial(FastLowBitLinear, linear=linear, activations=activations, workspace=workspace,
+                             choices=choices)

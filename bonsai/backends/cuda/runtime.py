@@ -3,6 +3,7 @@ transformer forward replayed from a CUDA graph captured once per input shape."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -19,11 +20,14 @@ from ..torch.text_encoder import load_text_encoder
 from ..torch.transformer import load_transformer
 from ..torch.vae import load_vae_decoder
 from . import choice
-from .linear import LINEARS, FastInt4Linear, make_linear_factory, release_scratch, scratch_buffers
+from .choice import GemmChoices
+from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CudaRuntime", "LINEARS"]
+
+LINEARS = (*LINEARS, "dense")  # "dense": the codes expanded to bf16 at load (the dense baseline)
 
 LOW_MEMORY_BYTES = 12 << 30  # memory="auto" picks "low" below this much device memory
 
@@ -70,17 +74,18 @@ class CudaRuntime(TorchRuntime):
 
     def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype, *,
                  linear: str, activations: str | None, memory: str, cuda_graphs: bool, vae_tile: bool | None,
-                 auto_residency: bool, autotune_file: Path | None, load_report: dict[str, float]):
+                 auto_residency: bool, workspace: Workspace, choices: GemmChoices, autotune_file: Path | None,
+                 load_report: dict[str, float]):
         super().__init__(transformer, vae, text_encoder, text_config, device, dtype, vae_tile=vae_tile,
                          auto_residency=auto_residency)
         self.linear, self.activations, self.memory = linear, activations, memory
         self.cuda_graphs = cuda_graphs
+        self.workspace, self.choices = workspace, choices  # shared by every fast linear of this runtime
         self.autotune_file = autotune_file
         self.load_report = load_report  # seconds per loading phase
         self.resident_gb = torch.cuda.memory_allocated(self.device) / 1e9
         self._graphs: dict[tuple, GraphedForward] = {}
         self._graph_pool = None
-        self._choices_saved = len(choice.table())
 
     @classmethod
     def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
@@ -113,12 +118,13 @@ class CudaRuntime(TorchRuntime):
         dtype = dtype or torch.bfloat16
         if dtype not in (torch.bfloat16, torch.float16):
             raise BonsaiValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        workspace, choices = Workspace(device), GemmChoices()
         if linear == "dense":
             if activations is not None:
                 raise BonsaiValueError("activations='fp8' needs a low-bit linear, not linear='dense'")
             make_linear = dense_linear
-        else:
-            make_linear = make_linear_factory(linear, activations)  # validates linear and activations
+        else:  # validates linear and activations
+            make_linear = make_linear_factory(linear, activations, workspace=workspace, choices=choices)
         if text_encoder not in ("4bit", "dense"):
             raise BonsaiValueError(f"text_encoder must be '4bit' or 'dense', got {text_encoder!r}")
         if keep_text_encoder not in (True, False, "auto"):
@@ -142,7 +148,7 @@ class CudaRuntime(TorchRuntime):
             tune = Path(autotune_file) if autotune_file else gemlite.autotune_cache_path()
             gemlite.load_autotune(tune)
         else:
-            choice.load(choice.cache_path())
+            choices.load(choice.cache_path())
         phases["tuning caches"] = _lap(t0)
         if linear == "gemlite" and weights.find_transformer(folder)[0] == "gemlite":
             transformer = _load_gemlite_transformer(folder, device, dtype)
@@ -153,7 +159,7 @@ class CudaRuntime(TorchRuntime):
         if compile:
             # Blocks of one class share their compiled code: parameters are graph inputs, not constants.
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-                block.compile()
+                block.compile(dynamic=False)  # each GEMM choice is baked into the trace for a fixed M
         torch.cuda.synchronize(device)
         phases["transformer"] = _lap(t0, phases)
         vae_config, vae_state = weights.read_vae(folder)
@@ -165,15 +171,16 @@ class CudaRuntime(TorchRuntime):
         def load_te():
             config, state = weights.read_text_encoder(folder, layers=text_config.layers_needed, dtype=dtype,
                                                       packed=packed_te, device=device if packed_te else None)
+            make = functools.partial(FastInt4Linear, workspace=workspace) if packed_te else None
             return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers,
-                                     make_linear=FastInt4Linear if packed_te else None)
+                                     make_linear=make)
 
         te = LazyModel(load_te, keep=not low and keep_text_encoder is not False, free=torch.cuda.empty_cache,
                        offload=_to_pinned_host, restore=lambda model: _to_device(model, device))
         return cls(transformer, vae, te, text_config, device, dtype, linear=linear, activations=activations,
                    memory=memory, cuda_graphs=not low if cuda_graphs is None else bool(cuda_graphs),
                    vae_tile=True if low else None, auto_residency=not low and keep_text_encoder == "auto",
-                   autotune_file=tune, load_report=phases)
+                   workspace=workspace, choices=choices, autotune_file=tune, load_report=phases)
 
     @torch.inference_mode()
     def condition(self, features, img_ids, txt_ids):
@@ -207,9 +214,8 @@ class CudaRuntime(TorchRuntime):
 
     def _save_tuning(self) -> None:
         """Persist new per-shape GEMM choices and gemlite configs, so that the next process skips measuring."""
-        if len(choice.table()) > self._choices_saved:
-            choice.save(choice.cache_path())
-            self._choices_saved = len(choice.table())
+        if self.choices.unsaved:
+            self.choices.save(choice.cache_path())
         if self.linear == "gemlite" and self.autotune_file is not None:
             from . import gemlite
 
@@ -225,7 +231,7 @@ class CudaRuntime(TorchRuntime):
         """Drop captured graphs, the shared expand scratch (re-made on the next call) and cached allocator blocks."""
         self._graphs.clear()
         self._graph_pool = None
-        release_scratch()
+        self.workspace.release()
         torch.cuda.empty_cache()
 
 
@@ -248,9 +254,9 @@ class GraphedForward:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.out = model(self.x, self.features, self.t, rope=self.rope)
-        # The kernels were captured against these scratch buffers: keep them alive even if the shared scratch
-        # is released or regrown later.
-        self.scratch = scratch_buffers()
+        # The kernels were captured against the workspaces' buffers: keep them alive even if a workspace is
+        # released or regrown later.
+        self.scratch = [buf for ws in workspaces(model) for buf in ws.buffers()]
 
     def set_context(self, cond: Cond) -> None:
         self.features.copy_(cond.features)
