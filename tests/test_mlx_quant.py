@@ -1,4 +1,4 @@
-"""Property tests: stock mx.quantized_matmul over Bonsai's MLX tensors == x @ dequantize(W).T."""
+"""Property tests: stock nn.QuantizedLinear (mx.quantized_matmul) over Bonsai's MLX tensors == x @ dequantize(W).T."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 mx = pytest.importorskip("mlx.core")
 
-from bonsai.backends.mlx.transformer import LowBitLinear  # noqa: E402
+nn = pytest.importorskip("mlx.nn")
 
 GROUP = 128
 
@@ -38,11 +38,11 @@ def mlx_tensors(t: np.ndarray, s: np.ndarray, kind: str):
     return pack_mlx((t + 1) // 2, 1), 2 * s, -s, 1
 
 
-def linear(w, scales, biases, bits, dtype) -> LowBitLinear:
-    out_f = w.shape[0]
-    lin = LowBitLinear(w.shape[1] * 32 // bits, out_f, bits, GROUP)
-    lin.weight = mx.array(w)
-    lin.scales, lin.biases = mx.array(scales).astype(dtype), mx.array(biases).astype(dtype)
+def linear(w, scales, biases, bits, dtype) -> nn.QuantizedLinear:
+    """The transformer's low-bit layer: a stock QuantizedLinear holding the released tensors."""
+    lin = nn.QuantizedLinear(w.shape[1] * 32 // bits, w.shape[0], bias=False, group_size=GROUP, bits=bits)
+    lin.load_weights([("weight", mx.array(w)), ("scales", mx.array(scales).astype(dtype)),
+                      ("biases", mx.array(biases).astype(dtype))])
     return lin
 
 

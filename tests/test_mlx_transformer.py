@@ -86,7 +86,7 @@ def test_transformer_matches_diffusers(kind):
     config = TransformerConfig(**TINY)
     ref, mlx_w, bits = make_weights(config, kind)
     model = mt.load_transformer({k: mx.array(v) for k, v in mlx_w.items()}, config, bits, dtype="float32")
-    assert isinstance(model.transformer_blocks[0].attn.to_q, mt.LowBitLinear)
+    assert isinstance(model.transformer_blocks[0].attn.to_q, mt.nn.QuantizedLinear)
     assert isinstance(model.x_embedder, mt.nn.Linear)
     x, c, sigma, iids, tids = inputs(config)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_load_packed_mflux_folder(tmp_path):
     model, kind = mt.load_transformer_folder(tmp_path, dtype="float32")
     assert kind == "binary"
     lin = model.single_transformer_blocks[1].attn.to_out
-    assert isinstance(lin, mt.LowBitLinear) and lin.bits == 1
+    assert isinstance(lin, mt.nn.QuantizedLinear) and (lin.bits, lin.group_size, lin.mode) == (1, 128, "affine")
     # the released uint32 codes are used as stored
     np.testing.assert_array_equal(np.array(lin.weight), mlx_w["single_transformer_blocks.1.attn.to_out.weight"])
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ..errors import BonsaiValueError
 from .packing import has_code3, pack_bits, pack_trits, unpack_bits, unpack_trits
 
 BITS = {"ternary": 2, "binary": 1}
@@ -21,12 +23,44 @@ def _kind_of_bits(bits: int, where: str) -> str:
     for kind, b in BITS.items():
         if b == bits:
             return kind
-    raise ValueError(f"{where}: bits must be 2 (ternary) or 1 (binary), got {bits}")
+    raise BonsaiValueError(f"{where}: bits must be 2 (ternary) or 1 (binary), got {bits}")
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
     if not cond:
-        raise ValueError(f"{where}: {msg}")
+        raise BonsaiValueError(f"{where}: {msg}")
+
+
+def check_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int = 128,
+                     name: str = "weight") -> str:
+    """Validate one released MLX low-bit linear and return its kind; shared by the torch and MLX readers.
+
+    weight uint32 [out, in*bits/32]; scales, biases [out, in/group_size] as numpy (bf16 as exact float32).
+    Ternary (bits 2): biases == -scales and no 2-bit code 3; binary (bits 1): biases == -scales / 2.
+    """
+    kind = _kind_of_bits(bits, f"{name}: bits")
+    _check(weight.dtype == np.uint32 and weight.ndim == 2, f"{name}.weight",
+           f"must be a 2-D uint32 array, got {weight.dtype} {tuple(weight.shape)}")
+    out, words = weight.shape
+    k = words * 32 // bits
+    _check(k % group_size == 0, f"{name}.weight", f"in_features {k} is not a multiple of group_size {group_size}")
+    for key, t in (("scales", scales), ("biases", biases)):
+        _check(tuple(t.shape) == (out, k // group_size), f"{name}.{key}", f"shape {tuple(t.shape)}, expected "
+               f"{(out, k // group_size)} for a {bits}-bit weight {tuple(weight.shape)}")
+    s, b = scales.astype(np.float32), biases.astype(np.float32)  # exact: halving and negation in float32
+    if kind == "ternary":
+        _check(np.array_equal(b, -s), f"{name}.biases", "ternary packs need biases == -scales (W = (q - 1) * s)")
+        codes = np.ascontiguousarray(weight).view(np.uint8)  # little-endian words -> bytes, LSB-first
+        _check(not has_code3(codes), f"{name}.weight", "ternary code 3 is not a valid trit")
+    else:
+        _check(np.array_equal(b, -s / 2), f"{name}.biases",
+               "binary packs need biases == -scales / 2 (W = (2q - 1) * s)")
+    return kind
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16; float32 holds it exactly
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,24 +202,10 @@ class LowBitWeight:
     @classmethod
     def from_mlx(cls, weight, scales, biases, bits: int, group_size: int = 128, name: str = "weight") -> "LowBitWeight":
         """MLX affine tensors: uint32 weight [out, in*bits/32], bf16 scales and biases [out, in/group_size]."""
-        kind = _kind_of_bits(bits, f"{name}: bits")
-        _check(weight.dtype in (torch.uint32, torch.int32) and weight.ndim == 2, f"{name}.weight",
-               f"must be a 2-D uint32 tensor, got {weight.dtype} {tuple(weight.shape)}")
-        out, words = weight.shape
-        k = words * 32 // bits
-        _check(k % group_size == 0, f"{name}.weight", f"in_features {k} is not a multiple of group_size {group_size}")
-        for key, t in (("scales", scales), ("biases", biases)):
-            _check(tuple(t.shape) == (out, k // group_size), f"{name}.{key}",
-                   f"shape {tuple(t.shape)}, expected {(out, k // group_size)} for weight {tuple(weight.shape)}")
+        kind = check_mlx_affine(_numpy(weight), _numpy(scales), _numpy(biases), bits, group_size, name)
         packed = weight.contiguous().view(torch.uint8)  # little-endian words -> bytes, same LSB-first order
-        s, b = scales.to(torch.float32), biases.to(torch.float32)
-        if kind == "ternary":
-            _check(torch.equal(b, -s), f"{name}.biases", "ternary packs need biases == -scales (W = (q - 1) * s)")
-            _check(not has_code3(packed), f"{name}.weight", "ternary code 3 is not a valid trit")
-        else:
-            _check(torch.equal(b, -s / 2), f"{name}.biases", "binary packs need biases == -scales / 2 (W = (2q - 1) * s)")
-            s = s / 2
-        return cls(kind, packed, s.contiguous(), group_size)
+        s = scales.to(torch.float32)
+        return cls(kind, packed, (s if kind == "ternary" else s / 2).contiguous(), group_size)
 
     def to_mlx(self) -> dict[str, torch.Tensor]:
         """The released MLX layout. Raises if a scale is not exactly representable in bf16."""

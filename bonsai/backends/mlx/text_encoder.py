@@ -11,13 +11,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
 from ...config import read_json
 from ...config import TextEncoderConfig
+from ...errors import BonsaiFileNotFoundError, BonsaiValueError
 
 DEFAULT_LAYERS = TextEncoderConfig.feature_layers  # the dataclass default: klein's (9, 18, 27)
 from . import mx_dtype, to_mx
+from .loading import load_strict
 
 MLX_TE_DIR = "text_encoder-mlx-4bit"
 
@@ -71,7 +72,7 @@ def model_args(config: dict):
     try:
         return _qwen3().ModelArgs.from_dict(config)
     except (TypeError, KeyError) as e:
-        raise ValueError(f"text encoder config is not a Qwen3 config: {e}") from None
+        raise BonsaiValueError(f"text encoder config is not a Qwen3 config: {e}") from None
 
 
 def read_mlx_text_encoder(folder: str | Path, n_layers: int) -> tuple[dict, dict | None, dict[str, mx.array]]:
@@ -87,7 +88,7 @@ def read_mlx_text_encoder(folder: str | Path, n_layers: int) -> tuple[dict, dict
     for name in files:
         path = folder / name
         if not path.is_file():
-            raise FileNotFoundError(f"missing {path}")
+            raise BonsaiFileNotFoundError(f"missing {path}")
         for key, arr in mx.load(str(path)).items():
             if _keep(key, n_layers):
                 tensors[key] = arr
@@ -114,27 +115,16 @@ def load_text_encoder(config: dict, tensors: dict, quantization: dict | None = N
     tensors = {k: to_mx(v) for k, v in tensors.items() if _keep(k, n)}
     args = model_args(config)
     if n > args.num_hidden_layers:
-        raise ValueError(f"{source}: layers {tuple(layers)} exceed num_hidden_layers={args.num_hidden_layers}")
+        raise BonsaiValueError(f"{source}: layers {tuple(layers)} exceed num_hidden_layers={args.num_hidden_layers}")
     model = Qwen3TextEncoder(args, n)
     if any(k.endswith(".scales") for k in tensors):
         if not quantization:
-            raise ValueError(f"{source}: quantized tensors (.scales) but no 'quantization' entry in config.json")
+            raise BonsaiValueError(f"{source}: quantized tensors (.scales) but no 'quantization' entry in config.json")
         nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
                     class_predicate=lambda path, m: f"{path}.scales" in tensors)
-    expected = {k: v for k, v in tree_flatten(model.parameters())}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-             for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{name} {items[:8]}" for name, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
-        raise ValueError(f"{source}: tensors do not match the Qwen3 config: {'; '.join(parts)}")
     # packed codes keep their integer dtype; everything else (scales included) runs in the compute dtype
     cast = {k: v if not mx.issubdtype(v.dtype, mx.floating) else v.astype(dtype) for k, v in tensors.items()}
-    model.update(tree_unflatten(list(cast.items())))
-    mx.eval(model.parameters())
-    return model
+    return load_strict(model, cast, source, "Qwen3 text-encoder weights")
 
 
 def load_text_encoder_folder(folder: str | Path, layers=DEFAULT_LAYERS, dtype="float16") -> Qwen3TextEncoder:

@@ -1,7 +1,8 @@
 """FLUX.2 [klein] transformer in MLX. Classes and attribute names mirror the torch reference (diffusers keys).
 
-The 100 big linears are `LowBitLinear`: stock `mx.quantized_matmul` over the MLX affine tensors
-(ternary: bits 2, bias = -scale; binary: bits 1, scale 2s, bias -s; group 128), loaded as released.
+The 100 big linears become stock `nn.QuantizedLinear`s (`nn.quantize`, chosen by the checkpoint's `.scales` keys)
+over the MLX affine tensors (ternary: bits 2, bias = -scale; binary: bits 1, scale 2s, bias -s; group 128),
+loaded as released.
 """
 
 from __future__ import annotations
@@ -12,32 +13,19 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 
 from ...config import TransformerConfig
+from ...errors import BonsaiFileNotFoundError
 from ...latents import rope_tables
+from ...quant.lowbit import LowBitWeight, check_mlx_affine
 from ...weights import read_quant_config
 from . import mx_dtype, to_mx
+from .loading import load_strict, to_numpy
 
 FP16_MAX = 65504.0
 
 PACKED_DIR = "transformer-packed-mflux"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-
-
-class LowBitLinear(nn.Module):
-    """x [..., in] -> [..., out] with W[o, j] = q[o, j] * scales[o, j // g] + biases[o, j // g]."""
-
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128):
-        super().__init__()
-        self.bits, self.group_size = bits, group_size
-        self.weight = mx.zeros((out_features, in_features * bits // 32), dtype=mx.uint32)
-        self.scales = mx.zeros((out_features, in_features // group_size))
-        self.biases = mx.zeros((out_features, in_features // group_size))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
-                                   group_size=self.group_size, bits=self.bits)
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
@@ -295,30 +283,6 @@ def linear_shapes(model: Flux2Transformer) -> dict[str, tuple[int, int]]:
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def check_mlx_linear(key: str, w: mx.array, scales: mx.array, biases: mx.array, shape: tuple[int, int],
-                     bits: int, group_size: int, source: str) -> None:
-    """Validate one released MLX low-bit linear: dtypes, shapes and the ternary/binary scale-bias rule."""
-    out_f, in_f = shape
-    want = {"weight": (out_f, in_f * bits // 32), "scales": (out_f, in_f // group_size),
-            "biases": (out_f, in_f // group_size)}
-    for name, arr in (("weight", w), ("scales", scales), ("biases", biases)):
-        if tuple(arr.shape) != want[name]:
-            raise ValueError(f"{source}: {key}.{name} has shape {tuple(arr.shape)}, expected {want[name]} "
-                             f"for a {bits}-bit [{out_f}, {in_f}] linear (bits from quantization_config.json)")
-    if w.dtype != mx.uint32:
-        raise ValueError(f"{source}: {key}.weight must be uint32, got {w.dtype}")
-    # Exact in bf16/fp32: negation and halving only touch sign and exponent.
-    expected_bias = -scales if bits == 2 else -scales * 0.5
-    if not mx.array_equal(biases, expected_bias).item():
-        rule = "biases == -scales (ternary)" if bits == 2 else "biases == -scales / 2 (binary)"
-        raise ValueError(f"{source}: {key} breaks {rule}; not a Bonsai {'ternary' if bits == 2 else 'binary'} pack")
-    if bits == 2:
-        # code 3 has both bits of a 2-bit field set; ternary only uses 0, 1, 2
-        both = mx.bitwise_and(mx.bitwise_and(w, mx.right_shift(w, 1)), 0x55555555)
-        if mx.any(both != 0).item():
-            raise ValueError(f"{source}: {key}.weight holds 2-bit code 3; ternary codes must be 0, 1 or 2")
-
-
 def read_packed_mflux(folder: str | Path) -> tuple[TransformerConfig, int, int, dict[str, mx.array]]:
     """`transformer-packed-mflux/` (or the repo root holding it) -> (config, bits, group_size, mx tensors).
 
@@ -332,7 +296,7 @@ def read_packed_mflux(folder: str | Path) -> tuple[TransformerConfig, int, int, 
     bits, group = q["bits"], q["group_size"]
     path = folder / WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"missing {path}")
+        raise BonsaiFileNotFoundError(f"missing {path}")
     return config, bits, group, mx.load(str(path))
 
 
@@ -340,7 +304,7 @@ def mlx_tensors(tensors: dict) -> tuple[int | None, dict[str, mx.array]]:
     """weights.read_transformer(...).tensors (LowBitWeight | torch.Tensor) -> (bits, MLX-layout tensors)."""
     out, bits = {}, None
     for key, t in tensors.items():
-        if hasattr(t, "to_mlx"):
+        if isinstance(t, LowBitWeight):
             prefix = key[: -len(".weight")] if key.endswith(".weight") else key
             for name, arr in t.to_mlx().items():
                 out[f"{prefix}.{name}"] = to_mx(arr)
@@ -351,58 +315,34 @@ def mlx_tensors(tensors: dict) -> tuple[int | None, dict[str, mx.array]]:
 
 
 def load_transformer(weights: dict[str, mx.array], config: TransformerConfig, bits: int | None,
-                      group_size: int = 128, dtype="float16", dense: bool = False,
-                      source: str = "transformer") -> Flux2Transformer:
+                     group_size: int = 128, dtype="float16", dense: bool = False,
+                     source: str = "transformer") -> Flux2Transformer:
     """Strictly load MLX-layout tensors into a Flux2Transformer.
 
-    Linears whose key has `.scales` become LowBitLinear (the checkpoint decides); with dense=True they are
-    dequantized to plain weights instead (the benchmark's dense baseline).
+    Linears whose key has `.scales` become nn.QuantizedLinear (the checkpoint decides) with their released uint32
+    codes; with dense=True they are dequantized to plain weights instead (the benchmark's dense baseline).
     """
     dtype = mx_dtype(dtype)
     model = Flux2Transformer(config)
-    shapes = linear_shapes(model)
-    params = {}
-    for prefix, shape in shapes.items():
-        if f"{prefix}.scales" in weights:
-            w, s, b = (weights.get(f"{prefix}.{n}") for n in ("weight", "scales", "biases"))
-            if w is None or b is None:
-                raise ValueError(f"{source}: {prefix} has .scales but misses .weight or .biases")
-            check_mlx_linear(prefix, w, s, b, shape, bits, group_size, source)
-            if dense:
-                params[f"{prefix}.weight"] = mx.dequantize(w, s, b, group_size=group_size, bits=bits).astype(dtype)
-            else:
-                lin = LowBitLinear(shape[1], shape[0], bits, group_size)
-                _set_module(model, prefix, lin)
-                params.update({f"{prefix}.weight": w, f"{prefix}.scales": s.astype(dtype),
-                               f"{prefix}.biases": b.astype(dtype)})
-    quantized = {p for p in shapes if f"{p}.scales" in weights}
-    for key, arr in weights.items():
-        if key.rsplit(".", 1)[0] not in quantized:
-            params[key] = arr.astype(dtype)
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(params))
-    unexpected = sorted(set(params) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: tensor keys do not match the config; missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
-    for key, arr in params.items():
-        if tuple(arr.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(arr.shape)}, expected {tuple(expected[key].shape)}")
-    model.update(tree_unflatten(list(params.items())))
-    mx.eval(model.parameters())
-    return model
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, last = path.split(".")
-    obj = model
-    for p in parents:
-        obj = obj[int(p)] if isinstance(obj, list) else getattr(obj, p)
-    if isinstance(obj, list):
-        obj[int(last)] = module
-    else:
-        setattr(obj, last, module)
+    quantized = [p for p in linear_shapes(model) if f"{p}.scales" in weights]
+    params, codes = dict(weights), {}
+    for prefix in quantized:
+        keys = [f"{prefix}.{n}" for n in ("weight", "scales", "biases")]
+        if not all(k in weights for k in keys):
+            continue  # the strict load below names the missing part
+        w, s, b = (weights[k] for k in keys)
+        check_mlx_affine(to_numpy(w), to_numpy(s), to_numpy(b), bits, group_size, f"{source}: {prefix}")
+        if dense:
+            del params[keys[1]], params[keys[2]]
+            params[keys[0]] = mx.dequantize(w, s, b, group_size=group_size, bits=bits)
+        else:
+            codes[keys[0]] = params.pop(keys[0])  # the released uint32 codes, unchanged
+    if not dense:
+        nn.quantize(model, group_size=group_size, bits=bits,
+                    class_predicate=lambda path, _: f"{path}.scales" in weights)
+    # everything but the codes, scales and biases included, runs in the compute dtype
+    params = {**{k: v.astype(dtype) for k, v in params.items()}, **codes}
+    return load_strict(model, params, source, "transformer weights")
 
 
 def load_transformer_folder(folder: str | Path, dtype="float16", dense: bool = False) -> tuple[Flux2Transformer, str]:
@@ -410,7 +350,7 @@ def load_transformer_folder(folder: str | Path, dtype="float16", dense: bool = F
     folder = Path(folder)
     if (folder / PACKED_DIR).is_dir() or folder.name == PACKED_DIR:
         config, bits, group, weights = read_packed_mflux(folder)
-        source = str(folder / PACKED_DIR if folder.name != PACKED_DIR else folder)
+        source = str((folder if folder.name == PACKED_DIR else folder / PACKED_DIR) / WEIGHTS_FILE)
     else:
         from ... import weights as bonsai_weights
 

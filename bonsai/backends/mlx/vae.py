@@ -6,17 +6,17 @@ Large images decode in overlapping tiles whose size is chosen from a memory budg
 
 from __future__ import annotations
 
-import math
 import os
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 
 from ... import latents as L
 from ...config import VAEConfig
+from ...tiling import tile_plan
 from . import mx_dtype, to_mx
+from .loading import load_strict
 
 GN_EPS = 1e-6
 IGNORED_PREFIXES = ("encoder.", "quant_conv.")  # the encode path, unused for text-to-image
@@ -113,71 +113,39 @@ class Decoder(nn.Module):
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
 
 
-class BatchStats:
+class BatchStats(nn.Module):
     """The VAE's affine-free BatchNorm over patchified latents; only its running statistics are used.
 
-    Plain numpy (not MLX parameters): the shared torch glue in bonsai.latents applies them.
+    Kept in float32 whatever the decoder's dtype: the shared torch glue in bonsai.latents applies them.
     """
 
     def __init__(self, channels: int):
-        self.running_mean = np.zeros(channels, np.float32)
-        self.running_var = np.ones(channels, np.float32)
+        super().__init__()
+        self.running_mean = mx.zeros((channels,), mx.float32)
+        self.running_var = mx.ones((channels,), mx.float32)
 
 
 # --- tiling -----------------------------------------------------------------------------------------------------
 
 
-def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile + 1, tile - overlap))
-    if starts[-1] + tile < n:
-        starts.append(n - tile)  # last tile flush with the edge; it overlaps its neighbour by more
-    return starts
-
-
-def _edge_weights(length: int, ramp: int, lead: bool, trail: bool, blend: str) -> np.ndarray:
-    """[length] weights rising over `ramp` pixels at each edge shared with a neighbouring tile."""
-    w = np.ones(length, np.float32)
-    ramp = min(ramp, length)
-    if ramp > 0:
-        r = (np.arange(ramp, dtype=np.float32) + 0.5) / ramp  # strictly inside (0, 1): no zero weights
-        r = r if blend == "linear" else 0.5 - 0.5 * np.cos(math.pi * r)
-        if lead:
-            w[:ramp] = np.minimum(w[:ramp], r)
-        if trail:
-            w[length - ramp:] = np.minimum(w[length - ramp:], r[::-1])
-    return w
-
-
 def blend_tiles(fn, z: mx.array, tile: int, overlap: int, scale: int, blend: str = "cosine") -> mx.array:
     """Apply `fn` (NHWC [B, h, w, C] -> [B, h*scale, w*scale, C']) on overlapping tiles of z and blend them.
 
-    Overlaps are cross-faded with a linear or cosine ramp and the sum is normalised by the total weight, so a
-    local `fn` is reproduced exactly. Each tile is evaluated before the next, bounding peak memory to one tile.
+    Tiles are placed and weighted by `bonsai.tiling.tile_plan` (linear or cosine cross-fades, normalised by the
+    total weight), so a local `fn` is reproduced exactly. Each tile is evaluated before the next, bounding peak
+    memory to one tile.
     """
-    if blend not in ("linear", "cosine"):
-        raise ValueError(f"blend must be 'linear' or 'cosine', got {blend!r}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
     _, h, w, _ = z.shape
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    out = total = None
-    for y0 in ys:
-        for x0 in xs:
-            piece = fn(z[:, y0:y0 + tile, x0:x0 + tile]).astype(mx.float32)
-            th, tw = piece.shape[1:3]
-            wy = _edge_weights(th, overlap * scale, y0 > 0, y0 + tile < h, blend)
-            wx = _edge_weights(tw, overlap * scale, x0 > 0, x0 + tile < w, blend)
-            weight = mx.array(wy[:, None] * wx[None, :])  # [th, tw]
-            if out is None:
-                out = mx.zeros((piece.shape[0], h * scale, w * scale, piece.shape[3]), mx.float32)
-                total = mx.zeros((h * scale, w * scale), mx.float32)
-            ys_, xs_ = slice(y0 * scale, y0 * scale + th), slice(x0 * scale, x0 * scale + tw)
-            out[:, ys_, xs_] = out[:, ys_, xs_] + piece * weight[None, :, :, None]
-            total[ys_, xs_] = total[ys_, xs_] + weight
-            mx.eval(out, total)
-    return (out / total[None, :, :, None]).astype(z.dtype)
+    plan = tile_plan(h, w, tile, overlap, scale, blend)
+    out = None
+    for t in plan.tiles:
+        piece = fn(z[:, t.latent[0], t.latent[1]]).astype(mx.float32)
+        if out is None:
+            out = mx.zeros((piece.shape[0], h * scale, w * scale, piece.shape[3]), mx.float32)
+        ys, xs = t.out
+        out[:, ys, xs] = out[:, ys, xs] + piece * mx.array(t.weight)[None, :, :, None]
+        mx.eval(out)
+    return (out / mx.array(plan.total)[None, :, :, None]).astype(z.dtype)
 
 
 def decode_memory_bytes(h: int, w: int, batch: int, dtype, cfg: VAEConfig | None = None) -> int:
@@ -266,8 +234,8 @@ class VAEDecoder(nn.Module):
         if packed.ndim != 3 or tuple(packed.shape[1:]) != (h * w, c):
             raise ValueError(f"latents for {height}x{width} must be [B, {h * w}, {c}], got {tuple(packed.shape)}")
         x = torch.from_numpy(np.array(packed.astype(mx.float32)))
-        z = L.bn_denormalize(L.unpack(x, h, w), torch.from_numpy(self.bn.running_mean),
-                             torch.from_numpy(self.bn.running_var), self.config.batch_norm_eps)
+        mean, var = (torch.from_numpy(np.array(a)) for a in (self.bn.running_mean, self.bn.running_var))
+        z = L.bn_denormalize(L.unpack(x, h, w), mean, var, self.config.batch_norm_eps)
         z = L.unpatchify(z)  # [B, C, 2h, 2w]
         return mx.array(z.permute(0, 2, 3, 1).contiguous().numpy())  # NHWC
 
@@ -284,26 +252,16 @@ def decoder_state(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES) and k != "bn.num_batches_tracked"}
 
 
-def load_vae_decoder(state: dict, config: VAEConfig, dtype="float16") -> VAEDecoder:
-    """Build the decoder from a full VAE state dict (torch, numpy or mx values); strict on decoder keys."""
+def load_vae_decoder(state: dict, config: VAEConfig, dtype="float16", source: str = "vae") -> VAEDecoder:
+    """Build the decoder from a full VAE state dict (torch, numpy or mx values); strict on decoder keys.
+
+    source: the file named first in a mismatch error.
+    """
     dtype = mx_dtype(dtype)
     model = VAEDecoder(config)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    expected.update({f"bn.{n}": (4 * config.latent_channels,) for n in ("running_mean", "running_var")})
     given = {}
     for key, value in decoder_state(state).items():
         a = to_mx(value, mx.float32)
-        given[key] = a.transpose(0, 2, 3, 1) if a.ndim == 4 else a  # torch conv [O, I, kh, kw] -> [O, kh, kw, I]
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = [f"{k}: expected {expected[k]}, got {tuple(v.shape)} (MLX layout)"
-             for k, v in given.items() if k in expected and tuple(v.shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{name} {items}" for name, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
-        raise ValueError(f"VAE state dict does not match the config: {'; '.join(parts)}")
-    model.bn.running_mean = np.array(given.pop("bn.running_mean"))
-    model.bn.running_var = np.array(given.pop("bn.running_var"))
-    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in given.items()]))
-    mx.eval(model.parameters())
-    return model
+        a = a.transpose(0, 2, 3, 1) if a.ndim == 4 else a  # torch conv [O, I, kh, kw] -> [O, kh, kw, I]
+        given[key] = a if key.startswith("bn.") else a.astype(dtype)
+    return load_strict(model, given, source, "VAE decoder weights (conv shapes in MLX layout)")

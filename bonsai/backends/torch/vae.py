@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,6 +9,7 @@ from torch import nn
 
 from ... import latents as L
 from ...config import VAEConfig
+from ...tiling import tile_plan
 
 GN_EPS = 1e-6
 AUTO_TILE_ABOVE = 128  # VAE latent pixels (1024 image pixels) per side; larger images decode in tiles
@@ -120,56 +119,21 @@ class BatchStats(nn.Module):
 # --- tiling -----------------------------------------------------------------------------------------------------
 
 
-def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile + 1, tile - overlap))
-    if starts[-1] + tile < n:
-        starts.append(n - tile)  # last tile flush with the edge; it overlaps its neighbour by more
-    return starts
-
-
-def _edge_weights(length: int, ramp: int, lead: bool, trail: bool, blend: str) -> torch.Tensor:
-    """[length] weights rising over `ramp` pixels at each edge shared with a neighbouring tile."""
-    w = torch.ones(length, dtype=torch.float32)
-    ramp = min(ramp, length)
-    if ramp > 0:
-        r = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp  # strictly inside (0, 1): no zero weights
-        r = r if blend == "linear" else 0.5 - 0.5 * torch.cos(math.pi * r)
-        if lead:
-            w[:ramp] = torch.minimum(w[:ramp], r)
-        if trail:
-            w[length - ramp:] = torch.minimum(w[length - ramp:], r.flip(0))
-    return w
-
-
 def blend_tiles(fn, z: torch.Tensor, tile: int, overlap: int, scale: int, blend: str = "cosine") -> torch.Tensor:
     """Apply `fn` ([B, C, h, w] -> [B, C', h*scale, w*scale]) on overlapping tiles of z and blend the results.
 
-    Tiles are `tile` latent pixels with `overlap` shared pixels; overlaps are cross-faded with a linear or
-    cosine ramp and the sum is normalised by the total weight, so a local `fn` is reproduced exactly.
+    Tiles are `tile` latent pixels with `overlap` shared pixels, placed and weighted by `bonsai.tiling.tile_plan`
+    (linear or cosine cross-fades, normalised by the total weight), so a local `fn` is reproduced exactly.
     """
-    if blend not in ("linear", "cosine"):
-        raise ValueError(f"blend must be 'linear' or 'cosine', got {blend!r}")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
     _, _, h, w = z.shape
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    out = total = None
-    for y0 in ys:
-        for x0 in xs:
-            piece = fn(z[:, :, y0:y0 + tile, x0:x0 + tile]).float()
-            th, tw = piece.shape[-2:]
-            wy = _edge_weights(th, overlap * scale, y0 > 0, y0 + tile < h, blend)
-            wx = _edge_weights(tw, overlap * scale, x0 > 0, x0 + tile < w, blend)
-            weight = (wy[:, None] * wx[None, :]).to(piece.device)  # [th, tw]
-            if out is None:
-                out = piece.new_zeros(piece.shape[0], piece.shape[1], h * scale, w * scale)
-                total = piece.new_zeros(h * scale, w * scale)
-            ys_, xs_ = slice(y0 * scale, y0 * scale + th), slice(x0 * scale, x0 * scale + tw)
-            out[:, :, ys_, xs_] += piece * weight
-            total[ys_, xs_] += weight
-    return (out / total).to(z.dtype)
+    plan = tile_plan(h, w, tile, overlap, scale, blend)
+    out = None
+    for t in plan.tiles:
+        piece = fn(z[(..., *t.latent)]).float()
+        if out is None:
+            out = piece.new_zeros(piece.shape[0], piece.shape[1], h * scale, w * scale)
+        out[(..., *t.out)] += piece * torch.from_numpy(t.weight).to(piece.device)
+    return (out / torch.from_numpy(plan.total).to(out.device)).to(z.dtype)
 
 
 # --- model ------------------------------------------------------------------------------------------------------
