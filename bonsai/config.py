@@ -85,10 +85,11 @@ class TransformerConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """`AutoencoderKLFlux2` config (only what the decoder needs). Defaults are the FLUX.2 VAE."""
+    """`AutoencoderKLFlux2` config. Defaults are the FLUX.2 VAE."""
 
     in_channels: int = 3
     out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4
     up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",) * 4
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     decoder_block_out_channels: tuple[int, ...] | None = None
@@ -96,6 +97,7 @@ class VAEConfig:
     act_fn: str = "silu"
     latent_channels: int = 32
     norm_num_groups: int = 32
+    use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     batch_norm_eps: float = 1e-4
@@ -106,6 +108,8 @@ class VAEConfig:
             raise ValueError(f"act_fn must be 'silu', got {self.act_fn!r}")
         if any(t != "UpDecoderBlock2D" for t in self.up_block_types):
             raise ValueError(f"up_block_types must all be UpDecoderBlock2D, got {self.up_block_types}")
+        if any(t != "DownEncoderBlock2D" for t in self.down_block_types):
+            raise ValueError(f"down_block_types must all be DownEncoderBlock2D, got {self.down_block_types}")
         if tuple(self.patch_size) != (2, 2):
             raise ValueError(f"patch_size must be (2, 2), got {self.patch_size}")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import BonsaiValueError
+
 PATCH = 2  # the pipeline packs 2x2 VAE latents into one transformer token
 VAE_SCALE = 8  # pixels per VAE latent along each side
 
@@ -118,3 +120,66 @@ def unpatchify(z: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"unpatchify needs channels divisible by 4, got {c4}")
     z = z.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)  # [B, C, h, dy, w, dx]
     return z.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+# --- image inputs (reference images, image-to-image) ------------------------------------------------------------
+
+REFERENCE_T_SCALE = 10  # reference image i (0-based) sits at time coordinate t = 10 * (i + 1)
+
+
+def posterior_mode(moments: torch.Tensor) -> torch.Tensor:
+    """VAE posterior moments [B, 2C, h, w] (mean, log-variance) -> its mode, the mean [B, C, h, w]."""
+    if moments.ndim != 4 or moments.shape[1] % 2:
+        raise BonsaiValueError(f"posterior moments must be [B, 2C, h, w], got shape {tuple(moments.shape)}")
+    return moments[:, : moments.shape[1] // 2]
+
+
+def bn_normalize(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """The VAE BatchNorm on patchified latents [B, 128, h, w]: (x - mean) / sqrt(var + eps), per channel."""
+    if x.ndim != 4 or x.shape[1] != running_mean.numel() or running_var.numel() != running_mean.numel():
+        raise BonsaiValueError(
+            f"bn_normalize: x {tuple(x.shape)} needs [B, C, h, w] with C = {running_mean.numel()} "
+            f"(running_mean) = {running_var.numel()} (running_var)"
+        )
+    mean = running_mean.reshape(1, -1, 1, 1).to(x.device, x.dtype)
+    std = torch.sqrt(running_var.reshape(1, -1, 1, 1) + eps).to(x.device, x.dtype)
+    return (x - mean) / std
+
+
+def image_tokens(moments: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """VAE posterior moments [B, 2C, 2h, 2w] -> packed, normalised latents [B, h*w, 4C].
+
+    Flux2KleinPipeline._encode_vae_image (mode, patchify, BN normalise) followed by _pack_latents.
+    """
+    return pack(bn_normalize(patchify(posterior_mode(moments)), running_mean, running_var, eps))
+
+
+def reference_ids(sizes) -> torch.Tensor:
+    """Token grids [(h, w), ...] of the reference images, in order -> positions [sum h*w, 4] int64.
+
+    Reference i gets (t = 10 * (i + 1), row, col, 0), as Flux2KleinPipeline._prepare_image_ids builds them.
+    """
+    parts = []
+    for i, (h, w) in enumerate(sizes):
+        ids = img_ids(h, w)
+        ids[:, 0] = REFERENCE_T_SCALE * (i + 1)
+        parts.append(ids)
+    if not parts:
+        raise BonsaiValueError("reference_ids needs at least one (h, w) grid")
+    return torch.cat(parts, dim=0)
+
+
+def join_references(x: torch.Tensor, ids: torch.Tensor, ref_tokens: torch.Tensor,
+                    ref_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformer input of Flux2KleinPipeline with reference images: the references appended to the sequence.
+
+    x [B, N, C], ids [N, 4]; ref_tokens [1 or B, M, C], ref_ids [M, 4] -> ([B, N+M, C] in x's dtype, [N+M, 4]).
+    The same timestep applies to every token; the velocity of x is the first N output tokens.
+    """
+    if (ref_tokens.ndim != 3 or ref_tokens.shape[2] != x.shape[2]
+            or ref_ids.shape != (ref_tokens.shape[1], ids.shape[1])):
+        raise BonsaiValueError(f"reference tokens {tuple(ref_tokens.shape)} / ids {tuple(ref_ids.shape)} do not fit "
+                         f"image tokens {tuple(x.shape)} / ids {tuple(ids.shape)}")
+    ref_tokens = ref_tokens.to(x.device, x.dtype).expand(x.shape[0], -1, -1)
+    return torch.cat([x, ref_tokens], dim=1), torch.cat([ids, ref_ids.to(ids.device)], dim=0)

@@ -1,4 +1,4 @@
-"""FLUX.2 VAE decoder in MLX (decode path only), NHWC. Attribute names are the AutoencoderKLFlux2 keys.
+"""FLUX.2 VAE decoder and encoder in MLX, NHWC. Attribute names are the AutoencoderKLFlux2 keys.
 
 The released `vae/` safetensors load after one rule: torch conv weights [O, I, kh, kw] -> MLX [O, kh, kw, I].
 Large images decode in overlapping tiles whose size is chosen from a memory budget.
@@ -14,6 +14,7 @@ import numpy as np
 
 from ... import latents as L
 from ...config import VAEConfig
+from ...errors import BonsaiValueError
 from ...tiling import tile_plan
 from . import mx_dtype, to_mx
 from .loading import load_strict
@@ -265,3 +266,101 @@ def load_vae_decoder(state: dict, config: VAEConfig, dtype="float16", source: st
         a = a.transpose(0, 2, 3, 1) if a.ndim == 4 else a  # torch conv [O, I, kh, kw] -> [O, kh, kw, I]
         given[key] = a if key.startswith("bn.") else a.astype(dtype)
     return load_strict(model, given, source, "VAE decoder weights (conv shapes in MLX layout)")
+
+
+# --- encoder ----------------------------------------------------------------------------------------------------
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))  # diffusers' Downsample2D: pad right/bottom
+
+
+class DownBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, n_resnets: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock2D(c_in if i == 0 else c_out, c_out, groups) for i in range(n_resnets)]
+        self.downsamplers = [Downsample(c_out)] if downsample else None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.downsamplers is None else self.downsamplers[0](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans, groups = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.down_blocks = [DownBlock(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block, groups,
+                                      downsample=i < len(chans) - 1) for i in range(len(chans))]
+        self.mid_block = MidBlock(chans[-1], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = _group_norm(groups, chans[-1])
+        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEEncoder(nn.Module):
+    """encoder + quant_conv + BN statistics of AutoencoderKLFlux2 (the encode path)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        c2 = 2 * cfg.latent_channels
+        self.quant_conv = nn.Conv2d(c2, c2, 1) if cfg.use_quant_conv else None
+        self.bn = BatchStats(4 * cfg.latent_channels)
+
+    def __call__(self, image: mx.array) -> mx.array:
+        """Image NHWC [B, H, W, 3] in [-1, 1] -> posterior moments NHWC [B, H/scale, W/scale, 2*latent_channels]."""
+        moments = self.encoder(image)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    def encode_tokens(self, image) -> mx.array:
+        """Image [B, 3, H, W] in [-1, 1] (torch CPU or numpy, H, W multiples of 16) -> packed latents [B, N, 128] f32.
+
+        The posterior mode, 2x2 patchify and BN normalisation are the shared torch glue (fp32; these tensors are small).
+        """
+        import torch
+
+        multiple = self.config.scale_factor * L.PATCH
+        shape = tuple(image.shape)
+        if len(shape) != 4 or shape[1] != self.config.in_channels or shape[2] % multiple or shape[3] % multiple:
+            raise BonsaiValueError(f"image must be [B, {self.config.in_channels}, H, W] with H, W multiples of "
+                                   f"{multiple}, got {shape}")
+        x = np.asarray(image.float().numpy() if isinstance(image, torch.Tensor) else image, np.float32)
+        x = mx.array(x.transpose(0, 2, 3, 1)).astype(self.encoder.conv_in.weight.dtype)  # NHWC
+        moments = torch.from_numpy(np.array(self(x).astype(mx.float32))).permute(0, 3, 1, 2)  # NCHW
+        stats = (torch.from_numpy(np.array(t)) for t in (self.bn.running_mean, self.bn.running_var))
+        tokens = L.image_tokens(moments, *stats, self.config.batch_norm_eps)
+        return mx.array(tokens.contiguous().numpy())
+
+
+BN_STATS = ("bn.running_mean", "bn.running_var")  # the encode path normalises with them too
+
+
+def encoder_state(state: dict) -> dict:
+    """Keep the encode-path keys (encoder.*, quant_conv.*, BN statistics) of a full AutoencoderKLFlux2 state dict."""
+    return {k: v for k, v in state.items() if k.startswith(IGNORED_PREFIXES) or k in BN_STATS}
+
+
+def load_vae_encoder(state: dict, config: VAEConfig, dtype="float32", source: str = "vae") -> VAEEncoder:
+    """Build the encoder from a full VAE state dict (torch, numpy or mx values); strict on the encode-path keys."""
+    dtype = mx_dtype(dtype)
+    model = VAEEncoder(config)
+    given = {}
+    for key, value in encoder_state(state).items():
+        a = to_mx(value, mx.float32)
+        a = a.transpose(0, 2, 3, 1) if a.ndim == 4 else a  # torch conv [O, I, kh, kw] -> [O, kh, kw, I]
+        given[key] = a if key.startswith("bn.") else a.astype(dtype)
+    return load_strict(model, given, source, "VAE encoder weights (conv shapes in MLX layout)")

@@ -1,4 +1,4 @@
-"""FLUX.2 VAE decoder in plain torch (decode path only). Attribute names are the AutoencoderKLFlux2 keys."""
+"""FLUX.2 VAE decoder and encoder in plain torch. Attribute names are the AutoencoderKLFlux2 keys."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from torch import nn
 
 from ... import latents as L
 from ...config import VAEConfig
+from ...errors import BonsaiValueError
+from ...state import check_state
 from ...tiling import tile_plan
 
 GN_EPS = 1e-6
@@ -208,5 +210,104 @@ def load_vae_decoder(state: dict, config: VAEConfig, device="cpu", dtype: torch.
         parts = [f"{name} {items}" for name, items in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
         raise ValueError(f"VAE state dict does not match the config: {'; '.join(parts)}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in given.items()}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+# --- encoder ----------------------------------------------------------------------------------------------------
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # diffusers' Downsample2D(padding=0): pad right/bottom only
+
+
+class DownBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, n_resnets: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, groups) for i in range(n_resnets)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample(c_out)]) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.downsamplers is None else self.downsamplers[0](x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chans, groups = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(chans[max(i - 1, 0)], chans[i], cfg.layers_per_block, groups, downsample=i < len(chans) - 1)
+            for i in range(len(chans))
+        )
+        self.mid_block = MidBlock(chans[-1], groups, cfg.mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=GN_EPS)
+        self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class VAEEncoder(nn.Module):
+    """encoder + quant_conv + BN statistics of AutoencoderKLFlux2 (the encode path)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        c2 = 2 * cfg.latent_channels
+        self.quant_conv = nn.Conv2d(c2, c2, 1) if cfg.use_quant_conv else None
+        self.bn = BatchStats(4 * cfg.latent_channels)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Image [B, 3, H, W] in [-1, 1] -> posterior moments [B, 2*latent_channels, H/scale, W/scale] (mean first)."""
+        moments = self.encoder(image)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+    @torch.inference_mode()
+    def encode_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """Image [B, 3, H, W] in [-1, 1] (H, W multiples of 16) -> normalised packed latents [B, H*W/256, 128] float32.
+
+        What Flux2KleinPipeline._encode_vae_image + _pack_latents give: posterior mode, 2x2 patchify, BN normalise.
+        """
+        multiple = self.config.scale_factor * L.PATCH
+        if image.ndim != 4 or image.shape[1] != self.config.in_channels or image.shape[2] % multiple \
+                or image.shape[3] % multiple:
+            raise BonsaiValueError(f"image must be [B, {self.config.in_channels}, H, W] with H, W multiples of "
+                                   f"{multiple}, got {tuple(image.shape)}")
+        weight = self.encoder.conv_in.weight
+        moments = self(image.to(weight.device, weight.dtype))
+        return L.image_tokens(moments, self.bn.running_mean, self.bn.running_var, self.config.batch_norm_eps).float()
+
+
+ENCODER_PREFIXES = IGNORED_PREFIXES  # what the decoder ignores is the encode path
+BN_STATS = ("bn.running_mean", "bn.running_var")  # the encode path normalises with them too
+
+
+def encoder_state(state: dict) -> dict:
+    """Keep the encode-path keys (encoder.*, quant_conv.*, BN statistics) of a full AutoencoderKLFlux2 state dict."""
+    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES) or k in BN_STATS}
+
+
+def load_vae_encoder(state: dict, config: VAEConfig, device="cpu", dtype: torch.dtype = torch.float32,
+                     source: str = "vae") -> VAEEncoder:
+    """Build the encoder from a full VAE state dict; strict on the encode-path keys (BonsaiValueError names them)."""
+    with torch.device("meta"):
+        model = VAEEncoder(config)
+    given = encoder_state(state)
+    check_state(source, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                {k: tuple(v.shape) for k, v in given.items()}, "VAE encoder state dict")
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in given.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
