@@ -19,14 +19,26 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from . import __version__, hub, latents, params, sampling, scheduler, weights
+from . import __version__, hub, images, latents, params, sampling, scheduler, weights
 from .backends import load_runtime, resolve
-from .config import SchedulerConfig, TextEncoderConfig
+from .config import SchedulerConfig, TextEncoderConfig, TransformerConfig
 from .errors import BonsaiValueError, Cancelled
+from .lora import read_lora
 from .prompt import load_tokenizer, tokenize
 from .runtime import Runtime
 
 FEATURE_CACHE = 16  # prompts whose features are kept (bf16 klein: 7.9 MB each)
+MAX_LORA_SCALE = 10.0
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A call's image inputs: reference images [1, 3, H_i, W_i], the image-to-image start image and its step."""
+
+    refs: list | None = None
+    init: torch.Tensor | None = None
+    strength: float = 1.0
+    start: int = 0
 
 
 @dataclass
@@ -92,8 +104,10 @@ class Pipeline:
     """
 
     def __init__(self, runtime: Runtime, tokenizer, scheduler_config: SchedulerConfig, text_config: TextEncoderConfig,
-                 model: str, variant: str, feature_cache: int = FEATURE_CACHE, load_report: dict | None = None):
+                 transformer_config: TransformerConfig, model: str, variant: str, feature_cache: int = FEATURE_CACHE,
+                 load_report: dict | None = None):
         self.runtime = runtime
+        self.transformer_config = transformer_config
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.text_config = text_config
@@ -102,6 +116,7 @@ class Pipeline:
         self.feature_cache = feature_cache
         self.load_report = dict(load_report or {})  # seconds per loading stage (from_pretrained)
         self._features: OrderedDict[str, object] = OrderedDict()  # full prompt -> features [1, S, D]
+        self._loras: dict[str, tuple] = {}  # name -> (bonsai.lora.Lora, strength)
         self._lock = threading.Lock()
 
     @classmethod
@@ -129,8 +144,8 @@ class Pipeline:
         sched_file = folder / "scheduler" / "scheduler_config.json"
         sched = SchedulerConfig.from_json(sched_file) if sched_file.is_file() else SchedulerConfig()
         report = {"resolve_s": t1 - t0, "runtime_s": t2 - t1, "tokenizer_s": time.perf_counter() - t2}
-        return cls(runtime, tokenizer, sched, text_config, str(repo_id_or_dir), f"{info.kind}-{info.layout}",
-                   feature_cache, report)
+        return cls(runtime, tokenizer, sched, text_config, info.config, str(repo_id_or_dir),
+                   f"{info.kind}-{info.layout}", feature_cache, report)
 
     @property
     def backend(self) -> str:
@@ -150,29 +165,48 @@ class Pipeline:
     def __call__(self, prompt: str | list[str], width: int | None = None, height: int | None = None,
                  steps: int = 4, seed: int | list[int] | None = None, style: str | None = None,
                  aspect: str | None = None, long_edge: int | None = None, batch_size: int = 1,
+                 image=None, init_image=None, strength: float = 1.0,
                  callback: Callable[[int, object], None] | None = None, cancel: threading.Event | None = None,
                  progress: bool = True) -> Result:
         """Render one image per prompt.
 
         Args:
             prompt: a prompt or a list of prompts.
-            width, height: pixels, multiples of 16 (default 512x512); or `aspect` ("16:9") + `long_edge`.
+            width, height: pixels, multiples of 16 (default 512x512, or the size of `init_image` / the first
+                reference image); or `aspect` ("16:9") + `long_edge`.
             steps: Euler steps, 1 to `bonsai.params.MAX_STEPS` (4 is the distilled default).
             seed: int (image i uses seed + i), a list of ints, or None for random seeds.
             style: one of `bonsai.sizes.STYLES`, appended to every prompt.
             batch_size: images denoised together through one forward; each image keeps the pixels its prompt
                 and seed give alone (up to float rounding).
+            image: reference image(s) to edit or to take elements from (PIL, or a list of up to 4), as
+                FLUX.2 [klein] takes them: their latents join the sequence, they are never noised.
+            init_image, strength: image-to-image: start from `init_image` noised to the level `strength` selects
+                (0 < strength <= 1; 1.0 is plain text-to-image with the same seed).
             callback: called as callback(step_index, latents) after each step of each batch; raising stops.
             cancel: a threading.Event; once set, the render stops at the next step or stage with
                 `bonsai.errors.Cancelled`.
         Returns:
             Result with `.images` (PIL, metadata in `.info`) and `.report` (stage times, peak memory).
         """
+        refs = images.reference_tensors(image) if image is not None else None
+        init = None
+        if init_image is not None:
+            given = (width, height) if width is not None or height is not None else (None, None)
+            init = images.init_tensor(init_image, *given)
+        if width is None and height is None and aspect is None and long_edge is None:
+            first = init if init is not None else refs[0] if refs else None
+            if first is not None:
+                height, width = first.shape[-2:]
         request = params.check(prompt, width, height, steps, seed, style, aspect, long_edge, batch_size)
+        strength = params.finite(strength, "strength", 0.0, 1.0)
+        if init is None and strength != 1.0:
+            raise BonsaiValueError("strength applies to image-to-image: pass init_image too")
+        start = scheduler.start_step(request.steps, strength) if init is not None else 0
         with self._lock:
-            return self._render(request, callback, cancel, progress)
+            return self._render(request, Inputs(refs, init, strength, start), callback, cancel, progress)
 
-    def _render(self, req: params.Request, callback, cancel, progress) -> Result:
+    def _render(self, req: params.Request, inputs: "Inputs", callback, cancel, progress) -> Result:
         from tqdm.auto import tqdm
 
         rt = self.runtime
@@ -180,9 +214,16 @@ class Pipeline:
         rt.reset_peak_memory()
         t_start = time.perf_counter()
         try:
-            # 1. Prompt features (repeated prompts come from the cache).
+            # 1. Prompt features (repeated prompts come from the cache); image latents of the inputs.
             _check_cancel(cancel)
             features = self._encode(req.full_prompts, report)
+            refs = x0 = None
+            if inputs.refs:
+                tokens = [rt.encode_image(r) for r in inputs.refs]
+                sizes = [latents.latent_size(*r.shape[-2:]) for r in inputs.refs]
+                refs = (torch.cat(tokens, dim=1), latents.reference_ids(sizes))
+            if inputs.init is not None:
+                x0 = rt.encode_image(inputs.init).to(rt.dtype)
             report.encode_s = time.perf_counter() - t_start
 
             # 2. What every image of this size shares: schedule and position ids.
@@ -191,16 +232,20 @@ class Pipeline:
             img_ids, txt_ids = latents.img_ids(h, w), latents.txt_ids(self.text_config.max_length)
 
             # 3. Batches of up to batch_size images through one forward; each image's noise comes from its seed.
-            images = []
-            with tqdm(total=req.steps * len(req.prompts), disable=not progress, desc="denoise") as bar:
-                for start in range(0, len(req.prompts), req.batch_size):
-                    idx = range(start, min(start + req.batch_size, len(req.prompts)))
+            out = []
+            runs = req.steps - inputs.start
+            with tqdm(total=runs * len(req.prompts), disable=not progress, desc="denoise") as bar:
+                for first in range(0, len(req.prompts), req.batch_size):
+                    idx = range(first, min(first + req.batch_size, len(req.prompts)))
                     t0 = time.perf_counter()
                     noise = torch.cat([latents.pack(latents.noise(req.seeds[i], req.height, req.width,
                                                                   dtype=rt.dtype)) for i in idx])
-                    cond = rt.condition([features[i] for i in idx], img_ids, txt_ids)
+                    if x0 is not None:
+                        noise = scheduler.noise_to(x0.expand_as(noise), noise, sigmas[inputs.start])
+                    cond = rt.condition([features[i] for i in idx], img_ids, txt_ids, refs)
                     x = rt.latents(noise)
-                    for step, x in sampling.sample(lambda x, t: rt.velocity(x, t, cond), x, sigmas, rt.dtype):
+                    for step, x in sampling.sample(lambda x, t: rt.velocity(x, t, cond), x, sigmas, rt.dtype,
+                                                   start=inputs.start):
                         bar.update(len(idx))
                         if callback is not None:
                             callback(step, x)
@@ -209,12 +254,53 @@ class Pipeline:
                     pixels = rt.decode(x, req.height, req.width)
                     report.denoise_s += t1 - t0
                     report.decode_s += time.perf_counter() - t1
-                    images += [self._image(pixels[j], req, i) for j, i in enumerate(idx)]
+                    out += [self._image(pixels[j], req, inputs, i) for j, i in enumerate(idx)]
         finally:
             report.peak_memory_gb = rt.peak_memory_gb()
         report.total_s = time.perf_counter() - t_start
         report.memory = rt.memory_report()
-        return Result(images, report)
+        return Result(out, report)
+
+    # --- LoRA ---
+
+    def load_lora(self, path_or_repo_id: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Add a LoRA (a .safetensors file, a folder holding one, or a hub repo id) at strength `scale`, beside
+        the packed weights (never merged into them). Returns its name (default: the file's stem)."""
+        scale = params.finite(scale, "scale", -MAX_LORA_SCALE, MAX_LORA_SCALE)
+        path = Path(path_or_repo_id).expanduser()
+        if not path.exists():
+            path = hub.resolve_lora(str(path_or_repo_id))
+        lora = read_lora(path, self.transformer_config)
+        name = name or Path(lora.source).stem
+        if name in self._loras:
+            raise BonsaiValueError(f"a LoRA named {name!r} is loaded already; pass another name or unload it")
+        with self._lock:
+            self.runtime.set_adapters([*self._loras.values(), (lora, scale)])
+            self._loras[name] = (lora, scale)
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        if name not in self._loras:
+            raise BonsaiValueError(f"no LoRA named {name!r}; loaded: {list(self._loras)}")
+        scale = params.finite(scale, "scale", -MAX_LORA_SCALE, MAX_LORA_SCALE)
+        with self._lock:
+            loras = dict(self._loras, **{name: (self._loras[name][0], scale)})
+            self.runtime.set_adapters(list(loras.values()))
+            self._loras = loras
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all of them (name=None); the model renders exactly as before they were loaded."""
+        if name is not None and name not in self._loras:
+            raise BonsaiValueError(f"no LoRA named {name!r}; loaded: {list(self._loras)}")
+        with self._lock:
+            loras = {} if name is None else {k: v for k, v in self._loras.items() if k != name}
+            self.runtime.set_adapters(list(loras.values()))
+            self._loras = loras
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """Loaded LoRAs: name -> strength."""
+        return {name: scale for name, (_, scale) in self._loras.items()}
 
     def _encode(self, prompts: tuple[str, ...], report: Report) -> list:
         """Features [1, S, D] per prompt: cached ones reused, the others encoded in one text-encoder call."""
@@ -233,14 +319,17 @@ class Pipeline:
             self._features.popitem(last=False)
         return out
 
-    def _image(self, pixels: np.ndarray, req: params.Request, i: int) -> Image.Image:
+    def _image(self, pixels: np.ndarray, req: params.Request, inputs: Inputs, i: int) -> Image.Image:
         img = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
         meta = dict(prompt=req.prompts[i], style=req.style, seed=req.seeds[i], width=req.width, height=req.height,
                     steps=req.steps)
-        about = dict(model=self.model, variant=self.variant, backend=self.backend, bonsai=__version__)
+        if inputs.init is not None:
+            meta["strength"] = inputs.strength  # reproducing it needs the same init_image
+        about = dict(model=self.model, variant=self.variant, backend=self.backend, bonsai=__version__,
+                     loras=self.loras, references=len(inputs.refs or ()), init_image=inputs.init is not None)
         img.info["bonsai"] = json.dumps({**meta, **about})
         for k, v in {**meta, **about}.items():
-            img.info[f"bonsai_{k}"] = v
+            img.info[f"bonsai_{k}"] = v if isinstance(v, (str, int, float)) or v is None else json.dumps(v)
         return img
 
 
@@ -249,7 +338,7 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("render cancelled")
 
 
-RENDER_KEYS = ("prompt", "style", "seed", "width", "height", "steps")
+RENDER_KEYS = ("prompt", "style", "seed", "width", "height", "steps", "strength")
 
 
 def metadata(image: Image.Image) -> dict:

@@ -21,9 +21,17 @@ class Runtime(Protocol):
     def latents(self, noise: torch.Tensor):
         """Packed noise [B, N_img, 128] (torch CPU, in `dtype`) -> the backend's latents array in the model dtype."""
 
-    def condition(self, features: Sequence, img_ids: torch.Tensor, txt_ids: torch.Tensor):
-        """Per-image features (each [1, S, D], from `encode`) and position ids -> what `velocity` needs for one
-        batch: features stacked on the device, RoPE tables (and, on CUDA, the captured graph for these shapes)."""
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image [1, 3, H, W] in [-1, 1] (torch CPU) -> VAE latents, normalised and packed: [1, H*W/256, 128]
+        (torch CPU float32), for reference images and image-to-image."""
+
+    def set_adapters(self, adapters: Sequence) -> None:
+        """LoRA branches beside the linears for exactly these (bonsai.lora.Lora, strength) pairs; [] removes all."""
+
+    def condition(self, features: Sequence, img_ids: torch.Tensor, txt_ids: torch.Tensor, refs=None):
+        """Per-image features (each [1, S, D], from `encode`), position ids and optional reference images
+        (tokens [1, M, 128] from `encode_image`, ids [M, 4]) -> what `velocity` needs for one batch: features
+        stacked on the device, RoPE tables (and, on CUDA, the captured graph for these shapes)."""
 
     def velocity(self, x, timestep: float, cond):
         """The transformer: latents [B, N_img, 128] at `timestep` (see `bonsai.sampling.model_timestep`) -> v."""

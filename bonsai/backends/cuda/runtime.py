@@ -15,7 +15,7 @@ from ... import weights
 from ...config import TextEncoderConfig
 from ...errors import BonsaiFileNotFoundError, BonsaiValueError
 from ..torch.linear import dense_linear
-from ..torch.runtime import Cond, LazyModel, TorchRuntime
+from ..torch.runtime import Cond, LazyModel, TorchRuntime, vae_encoder_loader
 from ..torch.text_encoder import load_text_encoder
 from ..torch.transformer import load_transformer
 from ..torch.vae import load_vae_decoder
@@ -72,11 +72,11 @@ class CudaRuntime(TorchRuntime):
 
     name = "cuda"
 
-    def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype, *,
-                 linear: str, activations: str | None, memory: str, cuda_graphs: bool, vae_tile: bool | None,
-                 auto_residency: bool, workspace: Workspace, choices: GemmChoices, autotune_file: Path | None,
-                 load_report: dict[str, float]):
-        super().__init__(transformer, vae, text_encoder, text_config, device, dtype, vae_tile=vae_tile,
+    def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype,
+                 vae_encoder: LazyModel, *, linear: str, activations: str | None, memory: str, cuda_graphs: bool,
+                 vae_tile: bool | None, auto_residency: bool, workspace: Workspace, choices: GemmChoices,
+                 autotune_file: Path | None, load_report: dict[str, float]):
+        super().__init__(transformer, vae, text_encoder, text_config, device, dtype, vae_encoder, vae_tile=vae_tile,
                          auto_residency=auto_residency)
         self.linear, self.activations, self.memory = linear, activations, memory
         self.cuda_graphs = cuda_graphs
@@ -177,16 +177,21 @@ class CudaRuntime(TorchRuntime):
 
         te = LazyModel(load_te, keep=not low and keep_text_encoder is not False, free=torch.cuda.empty_cache,
                        offload=_to_pinned_host, restore=lambda model: _to_device(model, device))
-        return cls(transformer, vae, te, text_config, device, dtype, linear=linear, activations=activations,
+        return cls(transformer, vae, te, text_config, device, dtype, vae_encoder_loader(folder, device, dtype),
+                   linear=linear, activations=activations,
                    memory=memory, cuda_graphs=not low if cuda_graphs is None else bool(cuda_graphs),
                    vae_tile=True if low else None, auto_residency=not low and keep_text_encoder == "auto",
                    workspace=workspace, choices=choices, autotune_file=tune, load_report=phases)
 
+    def set_adapters(self, adapters) -> None:
+        super().set_adapters(adapters)
+        self._graphs.clear()  # they replay the modules they captured
+
     @torch.inference_mode()
-    def condition(self, features, img_ids, txt_ids):
+    def condition(self, features, img_ids, txt_ids, refs=None):
         """Eager: features and RoPE on the device. With CUDA graphs: the graph captured for these shapes (once,
         on first use), its static inputs set to this batch; valid until the next `condition` of the same shapes."""
-        cond = super().condition(features, img_ids, txt_ids)
+        cond = super().condition(features, img_ids, txt_ids, refs)
         if not self.cuda_graphs:
             return cond
         x_shape = (cond.features.shape[0], img_ids.shape[-2], self.transformer.config.in_channels)
@@ -237,11 +242,14 @@ class CudaRuntime(TorchRuntime):
 
 class GraphedForward:
     """One CUDA graph of the transformer forward for fixed shapes: `set_context` fills the static conditioning,
-    `graphed(x, timestep)` replays it."""
+    `graphed(x, timestep)` replays it. Reference tokens, if any, sit in the static input after the latents."""
 
     def __init__(self, model, x_shape: tuple[int, int, int], cond: Cond, dtype: torch.dtype, pool=None):
         device = cond.features.device
-        self.x = torch.randn(x_shape, device=device, dtype=dtype)  # the warmup measures GEMMs: not on zeros
+        self.n = x_shape[1]
+        n_refs = 0 if cond.refs is None else cond.refs.shape[1]
+        # [B, N + M, C]; random, not zeros: the warmup measures GEMMs
+        self.x = torch.randn(x_shape[0], self.n + n_refs, x_shape[2], device=device, dtype=dtype)
         self.t = torch.zeros(x_shape[0], device=device, dtype=dtype)
         self.features, self.rope = cond.features.clone(), cond.rope.clone()
         # Eager warmup on a side stream first: Triton JIT, GEMM choices, gemlite autotuning and the expand scratch
@@ -261,9 +269,11 @@ class GraphedForward:
     def set_context(self, cond: Cond) -> None:
         self.features.copy_(cond.features)
         self.rope.copy_(cond.rope)
+        if cond.refs is not None:
+            self.x[:, self.n:].copy_(cond.refs)
 
     def __call__(self, x: torch.Tensor, timestep: float) -> torch.Tensor:
-        self.x.copy_(x)
+        self.x[:, :self.n].copy_(x)
         self.t.fill_(timestep)
         self.graph.replay()
-        return self.out
+        return self.out[:, :self.n]

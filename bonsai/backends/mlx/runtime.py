@@ -14,7 +14,10 @@ from ..torch.runtime import LazyModel
 from . import mx_dtype, to_mx
 from .text_encoder import encode as encode_text, load_text_encoder_folder
 from .transformer import load_transformer_folder
-from .vae import load_vae_decoder
+from .lora import set_adapters as set_lora_adapters
+from .vae import load_vae_decoder, load_vae_encoder
+
+VAE_FILE = "diffusion_pytorch_model.safetensors"
 
 
 def default_dtype() -> str:
@@ -33,10 +36,12 @@ def dtype_name(dtype) -> str:
 
 @dataclass(frozen=True)
 class Cond:
-    """One batch's conditioning: features [B, S, D] and RoPE (cos, sin) float32 [S + N_img, head_dim]."""
+    """One batch's conditioning: features [B, S, D], RoPE (cos, sin) float32 [S + N_img + M, head_dim] and the
+    reference-image tokens [B, M, C] joined after the latents (None without references)."""
 
     features: mx.array
     rope: tuple[mx.array, mx.array]
+    refs: mx.array | None = None
 
 
 class MLXRuntime:
@@ -45,7 +50,7 @@ class MLXRuntime:
     name = "mlx"
 
     def __init__(self, transformer, kind: str, vae, text_encoder: LazyModel, text_config: TextEncoderConfig,
-                 dtype: str, vae_max_memory_gb: float | None):
+                 dtype: str, vae_max_memory_gb: float | None, vae_encoder: LazyModel):
         import torch
 
         self.transformer = transformer
@@ -56,6 +61,7 @@ class MLXRuntime:
         self.mx_dtype = mx_dtype(dtype)
         self.dtype = getattr(torch, dtype)  # the pipeline draws the seed's noise in this dtype, as the reference
         self.vae_max_memory_gb = vae_max_memory_gb
+        self.vae_encoder = vae_encoder  # loaded on the first image input
         self._stages: dict[str, list[dict]] = {}
         self._samples: list[tuple[float, int]] = []
 
@@ -71,10 +77,12 @@ class MLXRuntime:
             raise FileNotFoundError(f"model folder {folder} does not exist")
         dtype = dtype_name(dtype)
         transformer, kind = load_transformer_folder(folder, dtype=dtype, dense=dense)
-        vae = load_vae_decoder(*read_vae(folder), dtype=dtype)
+        vae_file = folder / "vae" / VAE_FILE
+        vae = load_vae_decoder(*read_vae(folder), dtype=dtype, source=str(vae_file))
         te = LazyModel(lambda: load_text_encoder_folder(folder, layers=text_config.feature_layers, dtype=dtype),
                        keep_text_encoder, free=mx.clear_cache)
-        return cls(transformer, "dense" if dense else kind, vae, te, text_config, dtype, vae_max_memory_gb)
+        encoder = LazyModel(lambda: load_vae_encoder(*read_vae(folder), dtype=dtype, source=str(vae_file)), keep=True)
+        return cls(transformer, "dense" if dense else kind, vae, te, text_config, dtype, vae_max_memory_gb, encoder)
 
     # --- memory proxy ---
 
@@ -125,14 +133,38 @@ class MLXRuntime:
     def latents(self, noise) -> mx.array:
         return to_mx(noise, mx.float32).astype(self.mx_dtype)
 
-    def condition(self, features, img_ids, txt_ids) -> Cond:
-        return Cond(mx.concatenate([to_mx(f).astype(self.mx_dtype) for f in features]),
-                    self.transformer.rope(img_ids, txt_ids))
+    def encode_image(self, pixels):
+        """Image [1, 3, H, W] in [-1, 1] (torch CPU) -> normalised packed latents [1, H*W/256, 128] (torch CPU f32)."""
+        import torch
+
+        with self._sampled("encode"):
+            tokens = self.vae_encoder.get().encode_tokens(pixels)
+            return torch.from_numpy(np.array(tokens.astype(mx.float32)))
+
+    def set_adapters(self, adapters) -> None:
+        """The LoRA branches beside the linears, exactly these (Lora, strength) pairs; [] restores the model."""
+        set_lora_adapters(self.transformer, adapters, self.mx_dtype)
+
+    def condition(self, features, img_ids, txt_ids, refs=None) -> Cond:
+        """refs: (reference tokens [1, M, C] torch CPU, their ids [M, 4]) or None."""
+        import torch
+
+        feats = mx.concatenate([to_mx(f).astype(self.mx_dtype) for f in features])
+        if refs is None:
+            return Cond(feats, self.transformer.rope(img_ids, txt_ids))
+        tokens, ids = refs
+        tokens = to_mx(tokens).astype(self.mx_dtype)
+        return Cond(feats, self.transformer.rope(torch.cat([img_ids, ids]), txt_ids),
+                    mx.broadcast_to(tokens, (feats.shape[0], *tokens.shape[1:])))
 
     def velocity(self, x: mx.array, timestep: float, cond: Cond) -> mx.array:
         with self._sampled("denoise"):
             t = mx.full((x.shape[0],), timestep, self.mx_dtype)
-            v = self.transformer(x, cond.features, t, rope=cond.rope)
+            if cond.refs is None:
+                v = self.transformer(x, cond.features, t, rope=cond.rope)
+            else:  # references join the sequence after the latents; only the latents' velocity is used
+                v = self.transformer(mx.concatenate([x, cond.refs], axis=1), cond.features, t,
+                                     rope=cond.rope)[:, :x.shape[1]]
             mx.eval(v)
         return v
 
@@ -146,7 +178,7 @@ def read_vae(folder: Path) -> tuple[dict, VAEConfig]:
     """`vae/` of any released repo -> (state dict of mx arrays, config); mx.load maps the safetensors directly."""
     vae_dir = folder / "vae"
     config = VAEConfig.from_json(vae_dir / "config.json")
-    path = vae_dir / "diffusion_pytorch_model.safetensors"
+    path = vae_dir / VAE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}")
     return mx.load(str(path)), config

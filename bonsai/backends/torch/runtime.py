@@ -14,10 +14,11 @@ from ...config import TextEncoderConfig
 from ...errors import BonsaiValueError
 from ...memory import MemorySampler, available_bytes, keep_resident, render_bytes, rss_bytes
 from .linear import LowBitLinear
+from .lora import set_adapters as set_lora_adapters
 from .text_encoder import encode as encode_text
 from .text_encoder import load_text_encoder
 from .transformer import load_transformer
-from .vae import load_vae_decoder
+from .vae import load_vae_decoder, load_vae_encoder
 
 
 ENCODE_BATCH = 8  # prompts per text-encoder forward: bounds its activations (512 tokens each)
@@ -69,10 +70,12 @@ class LazyModel:
 
 @dataclass(frozen=True)
 class Cond:
-    """One batch's conditioning: features [B, S, D] on the device and RoPE angles complex64 [S + N_img, d/2]."""
+    """One batch's conditioning: features [B, S, D] on the device, RoPE angles complex64 [S + N_img + M, d/2] and
+    the reference-image tokens [B, M, C] joined after the latents (None without references)."""
 
     features: torch.Tensor
     rope: torch.Tensor
+    refs: torch.Tensor | None = None
 
 
 class TorchRuntime:
@@ -81,9 +84,10 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, transformer, vae, text_encoder: LazyModel, text_config: TextEncoderConfig, device, dtype,
-                 vae_tile: bool | None = None, auto_residency: bool = False):
+                 vae_encoder: LazyModel, vae_tile: bool | None = None, auto_residency: bool = False):
         self.transformer = transformer
         self.vae = vae
+        self.vae_encoder = vae_encoder  # loaded on the first image input
         self.vae_tile = vae_tile  # None: tile only images above 1024 px per side
         self.auto_residency = auto_residency  # free the kept text encoder when a render needs its memory
         self.text_encoder = text_encoder
@@ -113,7 +117,8 @@ class TorchRuntime:
             return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers)
 
         te = LazyModel(load_te, keep_text_encoder is not False, free=_empty_cache(device))
-        return cls(transformer, vae, te, text_config, device, dtype, auto_residency=keep_text_encoder == "auto")
+        return cls(transformer, vae, te, text_config, device, dtype, vae_encoder_loader(folder, device, dtype),
+                   auto_residency=keep_text_encoder == "auto")
 
     @torch.inference_mode()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -130,19 +135,36 @@ class TorchRuntime:
         return noise.to(self.device, self.dtype)
 
     @torch.inference_mode()
-    def condition(self, features, img_ids, txt_ids) -> Cond:
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image [1, 3, H, W] in [-1, 1] (torch CPU) -> normalised packed latents [1, H*W/256, 128] (torch CPU f32)."""
+        return self.vae_encoder.get().encode_tokens(pixels.to(self.device, self.dtype)).cpu()
+
+    def set_adapters(self, adapters) -> None:
+        """The LoRA branches beside the linears, exactly these (Lora, strength) pairs; [] restores the model."""
+        set_lora_adapters(self.transformer, adapters, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def condition(self, features, img_ids, txt_ids, refs=None) -> Cond:
+        """refs: (reference tokens [1, M, C] torch CPU, their ids [M, 4]) or None."""
         if self.auto_residency and self.text_encoder.resident:
             free = available_bytes(self.device)
             pixels = img_ids.shape[-2] * 256  # one token per 16x16 pixels
             if free is not None and not keep_resident(free, render_bytes(len(features), pixels)):
                 self.text_encoder.release()
-        return Cond(torch.cat(list(features)).to(self.device, self.dtype),
-                    self.transformer.rope(img_ids, txt_ids, self.device))
+        feats = torch.cat(list(features)).to(self.device, self.dtype)
+        if refs is None:
+            return Cond(feats, self.transformer.rope(img_ids, txt_ids, self.device))
+        tokens, ids = refs
+        rope = self.transformer.rope(torch.cat([img_ids, ids]), txt_ids, self.device)
+        return Cond(feats, rope, tokens.to(self.device, self.dtype).expand(feats.shape[0], -1, -1))
 
     @torch.inference_mode()
     def velocity(self, x: torch.Tensor, timestep: float, cond: Cond) -> torch.Tensor:
         t = torch.full((x.shape[0],), timestep, device=self.device, dtype=self.dtype)
-        return self.transformer(x, cond.features, t, rope=cond.rope)
+        if cond.refs is None:
+            return self.transformer(x, cond.features, t, rope=cond.rope)
+        # References join the sequence after the latents; only the latents' velocity is used.
+        return self.transformer(torch.cat([x, cond.refs], dim=1), cond.features, t, rope=cond.rope)[:, :x.shape[1]]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, height: int, width: int):
@@ -176,6 +198,14 @@ class TorchRuntime:
         if sampler is not None:
             sampler.__exit__(None, None, None)
         return sampler
+
+
+def vae_encoder_loader(folder: Path, device, dtype) -> LazyModel:
+    def load():
+        config, state = weights.read_vae(folder)
+        return load_vae_encoder(state, config, device=device, dtype=dtype)
+
+    return LazyModel(load, keep=True)
 
 
 def _empty_cache(device: torch.device) -> Callable[[], None]:
