@@ -18,7 +18,9 @@ __all__ = ["CudaRuntime", "LINEARS"]
 
 
 def _gemlite_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("transformer-gemlite-*") if p.is_dir())
+    from ...layouts import GEMLITE
+
+    return [folder / d for d in GEMLITE.dirs if (folder / d).is_dir()]
 
 
 def _load_gemlite_transformer(folder: Path, device, dtype):
