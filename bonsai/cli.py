@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .convert import TARGETS
+
 DEFAULT_MODELS = {
     "mlx": "prism-ml/bonsai-image-ternary-4B-mlx-2bit",
     "other": "prism-ml/bonsai-image-ternary-4B-gemlite-2bit",
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a repo folder to another transformer layout")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--to", required=True, choices=["gemlite", "mlx", "compact"])
+    c.add_argument("--to", required=True, choices=TARGETS)
     c.set_defaults(func=cmd_convert)
     return parser
 

@@ -6,6 +6,9 @@ import logging
 import os
 from pathlib import Path
 
+from .errors import BonsaiValueError
+from .layouts import LAYOUTS, TransformerLayout, get_layout
+
 log = logging.getLogger(__name__)
 
 RELEASED_REPOS = (
@@ -19,29 +22,26 @@ RELEASED_REPOS = (
 
 _COMMON = ["*.json", "vae/*", "tokenizer/*", "scheduler/*"]
 
-# Which folders each backend reads, per repo flavour. A backend that cannot read a flavour's native
-# text encoder still gets it: weights.py dequantizes either 4-bit format on load.
-_PATTERNS = {
-    "gemlite": ["transformer-gemlite-*/*", "text_encoder-hqq-4bit/*", "text_encoder-hqq-4bit/tokenizer/*"],
-    "mlx": ["transformer-packed-mflux/*", "text_encoder-mlx-4bit/*"],
-    "unpacked": ["transformer/*", "text_encoder/*"],
-}
 
-
-def _flavour(repo_id: str) -> str:
-    for flavour in ("gemlite", "mlx", "unpacked"):
-        if f"-{flavour}" in repo_id:
-            return flavour
-    return ""
+def layout_of_repo(repo_id: str) -> TransformerLayout:
+    """The layout a repo id names ("owner/bonsai-image-ternary-4B-mlx-2bit" -> MLX): the first registry layout
+    whose "-<name>" is in the repo name."""
+    name = repo_id.rpartition("/")[2]
+    for layout in LAYOUTS:
+        if f"-{layout.name}" in name:
+            return layout
+    raise BonsaiValueError(f"repo id {repo_id!r} names none of the layouts {[layout.name for layout in LAYOUTS]}; "
+                           "pass layout= or download it and pass its folder")
 
 
 def resolve(repo_id_or_dir: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None,
-            local_files_only: bool = False) -> Path:
+            local_files_only: bool = False, layout: str | None = None) -> Path:
     """Return a local folder holding the repo.
 
     A path that exists is used as is. Anything else is treated as a Hugging Face repo id and fetched with
     `huggingface_hub.snapshot_download` (works offline from the HF cache with `local_files_only=True` or
-    `HF_HUB_OFFLINE=1`).
+    `HF_HUB_OFFLINE=1`): the common files plus the transformer and text encoder of one layout, `layout` or the
+    one the repo name names (`layout_of_repo`).
     """
     path = Path(repo_id_or_dir).expanduser()
     if path.exists():
@@ -51,9 +51,9 @@ def resolve(repo_id_or_dir: str | os.PathLike, revision: str | None = None, cach
     repo_id = str(repo_id_or_dir)
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{repo_id!r} is neither an existing folder nor a Hugging Face repo id (owner/name)")
+    patterns = _COMMON + (get_layout(layout) if layout else layout_of_repo(repo_id)).hub_patterns()
     from huggingface_hub import snapshot_download
 
-    patterns = _COMMON + _PATTERNS.get(_flavour(repo_id), sum(_PATTERNS.values(), []))
     log.info("fetching %s (%s)", repo_id, ", ".join(patterns))
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,

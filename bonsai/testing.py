@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import weights
+from . import layouts
 from .config import TransformerConfig, VAEConfig
-from .convert import config_json
-from .convert import write_transformer as write_layout
+from .layouts import GROUP_SIZE, config_json
 from .quant import LowBitWeight
 from .quant.qwen4bit import mlx4_pack, pack_4bit_u8
 
@@ -51,15 +50,15 @@ def random_transformer(config: TransformerConfig, kind: str, seed: int = 0) -> d
     """{diffusers key: LowBitWeight | bf16-exact float32 tensor} with roughly unit-variance activations."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, (out, k) in weights.lowbit_linears(config).items():
+    for name, (out, k) in layouts.lowbit_linears(config).items():
         if kind == "ternary":
             codes = torch.randint(-1, 2, (out, k), generator=g, dtype=torch.int8)
         else:
             codes = torch.randint(0, 2, (out, k), generator=g, dtype=torch.int8) * 2 - 1
         # bf16 scales, as the MLX layout stores them, so every layout holds the same weight exactly.
-        scales = _bf16((0.8 + 0.4 * torch.rand(out, k // weights.GROUP_SIZE, generator=g)) / k**0.5)
-        tensors[f"{name}.weight"] = LowBitWeight.from_codes(codes, scales, kind, weights.GROUP_SIZE)
-    for key, shape in weights.dense_tensors(config).items():
+        scales = _bf16((0.8 + 0.4 * torch.rand(out, k // GROUP_SIZE, generator=g)) / k**0.5)
+        tensors[f"{name}.weight"] = LowBitWeight.from_codes(codes, scales, kind, GROUP_SIZE)
+    for key, shape in layouts.dense_tensors(config).items():
         if len(shape) == 1:  # QK RMSNorm weights
             tensors[key] = _bf16(1 + 0.1 * torch.randn(shape, generator=g))
         else:
@@ -71,9 +70,9 @@ def write_transformer(folder: str | Path, layout: str, kind: str, config: Transf
                              seed: int = 0) -> dict:
     """Random transformer written as `layout` under folder; returns the tensors written."""
     tensors = random_transformer(config, kind, seed)
-    out = write_layout(folder, tensors, config, layout, kind)
-    if layout == "gemlite":
-        (out / "gemlite_autotune.json").write_text("{}")
+    out = layouts.get_layout(layout).write(folder, tensors, config, kind)
+    if layout == layouts.GEMLITE.name:  # the released gemlite folders ship a (GEMV-only) autotune file
+        (out / layouts.GEMLITE_AUTOTUNE_FILE).write_text("{}")
     return tensors
 
 
@@ -137,7 +136,7 @@ def write_hqq_text_encoder(folder: Path, config, state: dict) -> Path:
     """text_encoder-hqq-4bit/{qmodel.pt, config.json}: 4-bit g64 linears, fp16 embedding and norms.
 
     A linear's value may already be its serialized HQQ dict (`hqq_linear_state`'s form), written as is."""
-    out = folder / weights.TEXT_ENCODER_DIRS["hqq"]
+    out = folder / layouts.TE_HQQ.folder
     out.mkdir(parents=True, exist_ok=True)
     qmodel = {}
     for key, t in state.items():
@@ -148,7 +147,7 @@ def write_hqq_text_encoder(folder: Path, config, state: dict) -> Path:
             qmodel[leaf] = {"weight": t.half()}
     # hqq serializes every leaf; the tied lm_head shares the embedding's storage, so torch.save stores it once.
     qmodel["lm_head"] = {"weight": qmodel["model.embed_tokens"]["weight"]}
-    torch.save(qmodel, out / "qmodel.pt")
+    torch.save(qmodel, out / layouts.TE_HQQ.weight_file)
     (out / "config.json").write_text(config.to_json_string())
     return out
 
@@ -157,7 +156,7 @@ def write_mlx_text_encoder(folder: Path, config, state: dict) -> Path:
     """text_encoder-mlx-4bit/: mlx-community layout, affine 4-bit g64 linears and embedding, bf16 norms."""
     from safetensors.torch import save_file
 
-    out = folder / weights.TEXT_ENCODER_DIRS["mlx"]
+    out = folder / layouts.TE_MLX.folder
     out.mkdir(parents=True, exist_ok=True)
     flat = {}
     for key, t in state.items():
@@ -166,9 +165,9 @@ def write_mlx_text_encoder(folder: Path, config, state: dict) -> Path:
             flat.update({f"{prefix}.{n}": v for n, v in mlx4_pack(t, MLX_TE_GROUP).items()})
         else:
             flat[key] = t.to(torch.bfloat16)
-    save_file(flat, out / "model.safetensors", metadata={"format": "mlx"})
-    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in flat}}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file(flat, out / layouts.TE_MLX.weight_file, metadata={"format": "mlx"})
+    index = {"metadata": {}, "weight_map": {k: layouts.TE_MLX.weight_file for k in flat}}
+    (out / f"{layouts.TE_MLX.weight_file}.index.json").write_text(json.dumps(index))
     cfg = {**config.to_dict(), "quantization": {"group_size": MLX_TE_GROUP, "bits": 4}}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
@@ -177,9 +176,9 @@ def write_mlx_text_encoder(folder: Path, config, state: dict) -> Path:
 def write_dense_text_encoder(folder: Path, config, state: dict) -> Path:
     from safetensors.torch import save_file
 
-    out = folder / weights.TEXT_ENCODER_DIRS["dense"]
+    out = folder / layouts.TE_DENSE.folder
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, out / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, out / layouts.TE_DENSE.weight_file)
     (out / "config.json").write_text(config.to_json_string())
     return out
 
@@ -326,24 +325,26 @@ SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train
 def write_repo(path: str | Path, layout: str = "gemlite", kind: str = "ternary",
                transformer_config: TransformerConfig = TINY_TRANSFORMER, seed: int = 0,
                vae_config: VAEConfig = TINY_VAE, text_encoder_layers: int = TINY_TE_LAYERS) -> Path:
-    """A complete repo in a released layout: transformer, text encoder (HQQ for gemlite and compact, MLX 4-bit for
-    mlx, dense for unpacked), VAE, tokenizer, scheduler, model_index.json and manifest.json.
+    """A complete repo in a released layout: transformer, the layout's text encoder (its first
+    `TransformerLayout.text_encoders` entry: HQQ for gemlite and compact, MLX 4-bit for mlx, dense for unpacked),
+    VAE, tokenizer, scheduler, model_index.json and manifest.json.
 
     A text encoder of n < 27 layers reads the features after layers (n/4, n/2, 3n/4) as klein does for n = 36,
     stated in its config.json; one of 27 or more reads klein's (9, 18, 27)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_transformer(path, layout, kind, transformer_config, seed)
-    te_folder = path / {"mlx": "text_encoder-mlx-4bit", "unpacked": "text_encoder"}.get(
-        layout, "text_encoder-hqq-4bit/tokenizer")
-    vocab = write_tokenizer(te_folder)
-    if layout != "gemlite":  # [U] whether gemlite repos have a top-level tokenizer/: we write none, to test without
-        write_tokenizer(path / "tokenizer")
+    te = layouts.get_text_encoder(layouts.get_layout(layout).text_encoders[0])
+    tokenizers = [path / te.folder / te.tokenizer] if te.tokenizer is not None else []
+    if layout != layouts.GEMLITE.name:  # [U] whether gemlite repos have a top-level tokenizer/: we write none
+        tokenizers.append(path / "tokenizer")
+    for folder in tokenizers:
+        vocab = write_tokenizer(folder)  # the same tokenizer in each place
     te_config = tiny_text_encoder_config(vocab, hidden=transformer_config.joint_attention_dim // 3,
                                          layers=text_encoder_layers, feature_layers=feature_layers(text_encoder_layers))
     te_state = random_text_encoder(te_config, seed + 1)
-    {"mlx": write_mlx_text_encoder, "unpacked": write_dense_text_encoder}.get(layout, write_hqq_text_encoder)(
-        path, te_config, te_state)
+    writers = {"hqq": write_hqq_text_encoder, "mlx": write_mlx_text_encoder, "dense": write_dense_text_encoder}
+    writers[te.name](path, te_config, te_state)
     write_vae(path, vae_config, seed + 2)
     (path / "scheduler").mkdir(exist_ok=True)
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
@@ -351,7 +352,7 @@ def write_repo(path: str | Path, layout: str = "gemlite", kind: str = "ternary",
         "_class_name": "Flux2KleinPipeline", "is_distilled": True, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
         "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"]}, indent=2))
-    (path / "manifest.json").write_text(json.dumps({"model_version": f"{kind} g128 (bf16 master)"}, indent=2))
+    (path / layouts.MANIFEST_FILE).write_text(json.dumps({"model_version": f"{kind} g128 (bf16 master)"}, indent=2))
     return path
 
 

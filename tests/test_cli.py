@@ -72,3 +72,16 @@ def test_info_and_convert(repo, tmp_path):
 def test_unknown_backend_rejected_by_parser(repo):
     r = bonsai_cli("generate", "-p", "x", "--model", repo, "--backend", "metal")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_convert_onto_a_non_empty_folder_is_a_one_line_error(tmp_path, capsys):
+    from bonsai.cli import main
+
+    testing.write_transformer(tmp_path / "src", "mlx", "binary")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["convert", str(tmp_path / "src"), str(dst), "--to", "compact"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bonsai: error: {dst} exists and is not empty; convert writes into a new or empty folder\n"
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]

@@ -39,7 +39,64 @@ def test_hub_offline_repo_id_fails_clearly(tmp_path):
         hub.resolve("prism-ml/bonsai-image-ternary-4B-gemlite-2bit", local_files_only=True, cache_dir=tmp_path)
 
 
-def test_hub_patterns_per_flavour():
-    assert hub._flavour("prism-ml/bonsai-image-binary-4B-mlx-1bit") == "mlx"
-    assert hub._flavour("prism-ml/bonsai-image-ternary-4B-gemlite-2bit") == "gemlite"
-    assert hub._flavour("prism-ml/bonsai-image-ternary-4B-unpacked") == "unpacked"
+COMMON = ["*.json", "vae/*", "tokenizer/*", "scheduler/*"]
+HQQ_TE = ["text_encoder-hqq-4bit/*", "text_encoder-hqq-4bit/tokenizer/*"]
+PATTERNS = {  # written out here, not taken from bonsai.layouts
+    "prism-ml/bonsai-image-ternary-4B-gemlite-2bit":
+        COMMON + ["transformer-gemlite-int2/*", "transformer-gemlite-int1/*"] + HQQ_TE,
+    "prism-ml/bonsai-image-binary-4B-mlx-1bit": COMMON + ["transformer-packed-mflux/*", "text_encoder-mlx-4bit/*"],
+    "prism-ml/bonsai-image-ternary-4B-unpacked": COMMON + ["transformer/*", "text_encoder/*"],
+    # a converted repo keeps its source's text encoder, so the compact layout asks for each format
+    "someone-mlx/bonsai-image-binary-4B-compact":
+        COMMON + ["transformer-compact/*"] + HQQ_TE + ["text_encoder-mlx-4bit/*", "text_encoder/*"],
+}
+
+
+@pytest.fixture
+def downloads(monkeypatch, tmp_path):
+    """Record the allow_patterns of every snapshot_download call instead of downloading."""
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs["allow_patterns"]))
+        return str(tmp_path)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return calls
+
+
+@pytest.mark.parametrize("repo_id", list(PATTERNS))
+def test_hub_downloads_one_layout_named_by_the_repo(downloads, repo_id):
+    hub.resolve(repo_id)
+    assert downloads == [(repo_id, PATTERNS[repo_id])]
+
+
+def test_hub_repo_naming_no_layout_downloads_nothing(downloads):
+    with pytest.raises(ValueError, match=r"'someone/my-model' names none of the layouts "
+                                         r"\['gemlite', 'mlx', 'compact', 'unpacked'\]"):
+        hub.resolve("someone/my-model")
+    assert downloads == []
+    hub.resolve("someone/my-model", layout="unpacked")
+    assert downloads == [("someone/my-model", PATTERNS["prism-ml/bonsai-image-ternary-4B-unpacked"])]
+
+
+@pytest.mark.parametrize("layout", ["gemlite", "mlx", "compact", "unpacked"])
+def test_hub_patterns_fetch_what_the_readers_need(tmp_path, layout):
+    """Filtered as huggingface_hub filters a repo's file list, the patterns keep a loadable repo."""
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from bonsai import layouts, testing, weights
+
+    src = testing.write_repo(tmp_path / "src", layout=layout)
+    files = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+    kept = list(filter_repo_objects(files, allow_patterns=COMMON + layouts.get_layout(layout).hub_patterns()))
+    assert "vae/diffusion_pytorch_model.safetensors" in kept
+    dst = tmp_path / "dst"
+    for name in kept:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / name, dst / name)
+    assert weights.read_transformer(dst).layout == layout
+    weights.read_text_encoder(dst)
+    weights.tokenizer_dir(dst)

@@ -197,10 +197,10 @@ def test_strict_loading_names_keys():
     state = dict(reference_model(TINY).state_dict())
     missing = dict(state)
     del missing["transformer_blocks.1.attn.to_k.weight"]
-    with pytest.raises(ValueError, match=r"missing keys \['transformer_blocks.1.attn.to_k.weight'\]"):
+    with pytest.raises(ValueError, match=r"missing \['transformer_blocks.1.attn.to_k.weight'\]"):
         load_transformer(missing, TINY)
     extra = dict(state, **{"time_guidance_embed.guidance_embedder.linear_1.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match="unexpected keys.*guidance_embedder"):
+    with pytest.raises(ValueError, match="unexpected .*guidance_embedder"):
         load_transformer(extra, TINY)
     bad = dict(state, **{"proj_out.weight": torch.zeros(3, 3)})
     with pytest.raises(ValueError, match=r"proj_out.weight: expected \(8, 32\), got \(3, 3\)"):

@@ -13,17 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import BonsaiValueError
+from ..layouts import GEMLITE_MODE_FMA, GemliteMeta, Kind
 from .packing import has_code3, pack_bits, pack_trits, unpack_bits, unpack_trits
-
-BITS = {"ternary": 2, "binary": 1}
-GEMLITE_FP16, GEMLITE_FP32, GEMLITE_MODE_FMA = 1, 0, 4
-
-
-def _kind_of_bits(bits: int, where: str) -> str:
-    for kind, b in BITS.items():
-        if b == bits:
-            return kind
-    raise BonsaiValueError(f"{where}: bits must be 2 (ternary) or 1 (binary), got {bits}")
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
@@ -32,13 +23,13 @@ def _check(cond: bool, where: str, msg: str) -> None:
 
 
 def check_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int = 128,
-                     name: str = "weight") -> str:
+                     name: str = "weight") -> Kind:
     """Validate one released MLX low-bit linear and return its kind; shared by the torch and MLX readers.
 
     weight uint32 [out, in*bits/32]; scales, biases [out, in/group_size] as numpy (bf16 as exact float32).
     Ternary (bits 2): biases == -scales and no 2-bit code 3; binary (bits 1): biases == -scales / 2.
     """
-    kind = _kind_of_bits(bits, f"{name}: bits")
+    kind = Kind.from_bits(bits, f"{name}: bits")
     _check(weight.dtype == np.uint32 and weight.ndim == 2, f"{name}.weight",
            f"must be a 2-D uint32 array, got {weight.dtype} {tuple(weight.shape)}")
     out, words = weight.shape
@@ -65,13 +56,13 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class LowBitWeight:
-    kind: str
+    kind: Kind
     packed: torch.Tensor  # uint8 [out, in * bits / 8]
     scales: torch.Tensor  # float32 [out, in // group_size]
     group_size: int = 128
 
     def __post_init__(self):
-        _check(self.kind in BITS, "LowBitWeight", f"kind must be 'ternary' or 'binary', got {self.kind!r}")
+        Kind.parse(self.kind, "LowBitWeight")
         _check(self.packed.dtype == torch.uint8 and self.packed.ndim == 2, "LowBitWeight",
                f"packed must be a 2-D uint8 tensor, got {self.packed.dtype} {tuple(self.packed.shape)}")
         out, k = self.shape
@@ -83,7 +74,7 @@ class LowBitWeight:
     # -- properties ---------------------------------------------------------------------------------------------
     @property
     def bits(self) -> int:
-        return BITS[self.kind]
+        return Kind(self.kind).bits
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -112,14 +103,14 @@ class LowBitWeight:
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, kind: str, group_size: int = 128,
                    name: str = "weight") -> "LowBitWeight":
         """codes: int [out, in] in the kind's value set; scales: [out, in // group_size]."""
-        _check(kind in BITS, name, f"kind must be 'ternary' or 'binary', got {kind!r}")
+        kind = Kind.parse(kind, name)
         allowed = (-1, 0, 1) if kind == "ternary" else (-1, 1)
         bad = (codes < -1) | (codes > 1) if kind == "ternary" else (codes != 1) & (codes != -1)
         if bool(bad.any()):
             raise ValueError(f"{name}: {kind} codes must be in {allowed}, found {int(codes[bad][0])}")
         q = (codes.to(torch.int8) + 1).view(torch.uint8)
         q = q if kind == "ternary" else q >> 1
-        return cls(kind, pack_bits(q, BITS[kind]), scales.to(torch.float32).contiguous(), group_size)
+        return cls(kind, pack_bits(q, kind.bits), scales.to(torch.float32).contiguous(), group_size)
 
     @classmethod
     def quantize(cls, dense: torch.Tensor, kind: str, group_size: int = 128) -> "LowBitWeight":
@@ -128,7 +119,7 @@ class LowBitWeight:
         ternary: threshold 0.7 * mean|w| per group (TWN), s = mean |w| over the kept weights;
         binary: sign (0 -> +1), s = mean |w|. When every kept |w| of a group is equal, s is that value exactly.
         """
-        _check(kind in BITS, "quantize", f"kind must be 'ternary' or 'binary', got {kind!r}")
+        Kind.parse(kind, "quantize")
         _check(dense.ndim == 2 and dense.shape[1] % group_size == 0, "quantize",
                f"weight must be [out, in] with in a multiple of {group_size}, got {tuple(dense.shape)}")
         out, k = dense.shape
@@ -151,18 +142,19 @@ class LowBitWeight:
     @classmethod
     def from_gemlite(cls, W_q, scales, zeros, metadata, orig_shape, name: str = "weight") -> "LowBitWeight":
         """Tensors as stored per linear in a released gemlite state_dict (W_group_mode 4: W = q * scales + zeros)."""
-        md = [int(v) for v in torch.as_tensor(metadata).flatten().tolist()]
-        _check(len(md) == 12, f"{name}.metadata", f"expected 12 gemlite meta args, got {len(md)}")
-        bits, group_size, mask, eps, mode = md[1], md[2], md[3], md[4], md[10]
-        kind = _kind_of_bits(bits, f"{name}.metadata[1] (W_nbits)")
-        _check(mask == (1 << bits) - 1, f"{name}.metadata[3]", f"unpack_mask {mask} != {(1 << bits) - 1} for {bits}-bit")
-        _check(mode == GEMLITE_MODE_FMA, f"{name}.metadata[10]", f"W_group_mode must be 4 (q*scales+zeros), got {mode}")
+        meta = GemliteMeta.from_tensor(metadata, f"{name}.metadata")
+        bits, group_size, eps = meta.W_nbits, meta.group_size, meta.elements_per_sample
+        kind = Kind.from_bits(bits, f"{name}.metadata.W_nbits")
+        _check(meta.unpack_mask == (1 << bits) - 1, f"{name}.metadata.unpack_mask",
+               f"{meta.unpack_mask} != {(1 << bits) - 1} for {bits}-bit")
+        _check(meta.W_group_mode == GEMLITE_MODE_FMA, f"{name}.metadata.W_group_mode",
+               f"must be 4 (q*scales+zeros), got {meta.W_group_mode}")
         shape = [int(v) for v in torch.as_tensor(orig_shape).flatten().tolist()]
         _check(len(shape) == 2, f"{name}.orig_shape", f"expected [out, in], got {shape}")
         out, k = shape
         width = W_q.element_size() * 8
         _check(W_q.dtype in (torch.uint8, torch.int32), f"{name}.W_q", f"dtype must be uint8 or int32, got {W_q.dtype}")
-        _check(eps == width // bits, f"{name}.metadata[4]",
+        _check(eps == width // bits, f"{name}.metadata.elements_per_sample",
                f"elements_per_sample {eps} does not match {W_q.dtype} W_q with {bits}-bit codes ({width // bits})")
         _check(k % group_size == 0 and k % eps == 0, f"{name}.orig_shape", f"in={k} not a multiple of {group_size}")
         _check(tuple(W_q.shape) == (k // eps, out), f"{name}.W_q",
@@ -185,16 +177,13 @@ class LowBitWeight:
     def to_gemlite(self) -> dict[str, torch.Tensor]:
         """The released gemlite layout (8-bit packing, float32 meta, fma mode)."""
         out, k = self.shape
-        bits, eps = self.bits, 8 // self.bits
         s = self.scales if self.kind == "ternary" else 2 * self.scales
         z = -self.scales
-        metadata = [0, bits, self.group_size, (1 << bits) - 1, eps, GEMLITE_FP16, GEMLITE_FP16, GEMLITE_FP32,
-                    GEMLITE_FP32, 0, GEMLITE_MODE_FMA, 1]
         return {
             "W_q": self.packed.t().contiguous(),  # [in/eps, out]
             "scales": s.t().contiguous(),  # [in/g, out]
             "zeros": z.t().contiguous(),
-            "metadata": torch.tensor(metadata, dtype=torch.int32),
+            "metadata": GemliteMeta.released(self.bits, self.group_size).to_tensor(),
             "orig_shape": torch.tensor([out, k], dtype=torch.int32),
         }
 
@@ -226,7 +215,7 @@ class LowBitWeight:
     @classmethod
     def from_compact(cls, codes, scales, kind: str, in_features: int, group_size: int = 128,
                      name: str = "weight") -> "LowBitWeight":
-        _check(kind in BITS, name, f"kind must be 'ternary' or 'binary', got {kind!r}")
+        kind = Kind.parse(kind, name)
         out = codes.shape[0]
         expected = (out, -(-in_features // 5)) if kind == "ternary" else (out, in_features // 8)
         _check(codes.dtype == torch.uint8 and tuple(codes.shape) == expected, f"{name}.codes",

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ...weights import GEMLITE_KEYS
+from ...layouts import GemliteMeta, Kind, check_gemlite_linear, split_gemlite_state
 
-# gemlite metadata slots (core.GemLiteLinearTriton.get_meta_args)
-_META_NBITS, _META_INPUT, _META_OUTPUT, _META_META = 1, 5, 6, 8
 INSTALL_HINT = "pip install -e .[cuda]"
 
 
@@ -69,7 +67,7 @@ class GemliteState:
 
     @property
     def bits(self) -> int:
-        return int(self.state["metadata"][_META_NBITS])
+        return GemliteMeta.from_tensor(self.state["metadata"]).W_nbits
 
 
 def _forward(layer, x: torch.Tensor) -> torch.Tensor:
@@ -94,17 +92,12 @@ def from_state(state: dict, device="cuda", dtype: torch.dtype = torch.bfloat16, 
     input/output dtype slots of the metadata are set to `dtype`, since gemlite reads x in that dtype.
     """
     gemlite = import_gemlite()
-    missing = [k for k in GEMLITE_KEYS if k not in state]
-    if missing:
-        raise ValueError(f"{name}: gemlite state is missing {missing}; got {sorted(state)}")
-    meta = state["metadata"].to(torch.int32).flatten().clone()
-    if meta.numel() != 12:
-        raise ValueError(f"{name}.metadata: expected 12 gemlite meta args, got {meta.numel()}")
-    if int(meta[_META_NBITS]) not in (1, 2):
-        raise ValueError(f"{name}.metadata[1]: W_nbits must be 1 or 2, got {int(meta[_META_NBITS])}")
+    check_gemlite_linear(name, state)
+    meta = GemliteMeta.from_tensor(state["metadata"], f"{name}.metadata")
+    Kind.from_bits(meta.W_nbits, f"{name}.metadata.W_nbits")
     # Cheap shape checks here, so a malformed pack fails naming the key rather than deep inside a kernel.
     out_f, in_f = (int(v) for v in state["orig_shape"].flatten().tolist())
-    eps, group = int(meta[4]), int(meta[2])
+    eps, group = meta.elements_per_sample, meta.group_size
     if tuple(state["W_q"].shape) != (in_f // max(eps, 1), out_f):
         raise ValueError(f"{name}.W_q: shape {tuple(state['W_q'].shape)}, expected [in/{eps}, out] = "
                          f"{(in_f // max(eps, 1), out_f)} for orig_shape {(out_f, in_f)}")
@@ -113,12 +106,12 @@ def from_state(state: dict, device="cuda", dtype: torch.dtype = torch.bfloat16, 
             raise ValueError(f"{name}.{key}: expected float [in/{group}, out] = {(in_f // group, out_f)}, got "
                              f"{state[key].dtype} {tuple(state[key].shape)}")
     code = _dtype_code(dtype)
-    meta[_META_INPUT] = meta[_META_OUTPUT] = code
+    meta = meta._replace(input_dtype=code, output_dtype=code)
     sd = {
         "W_q": state["W_q"].to(device),
         "scales": state["scales"].to(device),
         "zeros": state["zeros"].to(device),
-        "metadata": meta.to(device),
+        "metadata": meta.to_tensor(device),
         "orig_shape": state["orig_shape"].to(device=device, dtype=torch.int32),
     }
     if state.get("bias") is not None:
@@ -158,21 +151,13 @@ def make_gemlite_linear(weight, device="cuda", dtype: torch.dtype = torch.bfloat
     return from_lowbit(weight, device=device, dtype=dtype)
 
 
-def split_state(state: dict) -> dict:
-    """Flat released state dict {fqn.W_q: ..., fqn.weight: ...} -> {fqn.weight: GemliteState | dense tensor}."""
-    groups: dict[str, dict] = {}
-    out = {}
-    for key, value in state.items():
-        prefix, _, leaf = key.rpartition(".")
-        if leaf in GEMLITE_KEYS or (leaf == "bias" and prefix + ".W_q" in state) or leaf == "meta_scale":
-            groups.setdefault(prefix, {})[leaf] = value
-        else:
-            out[key] = value
-    for prefix, group in groups.items():
-        missing = [k for k in GEMLITE_KEYS if k not in group]
-        if missing:
-            raise ValueError(f"gemlite state for {prefix!r} is missing {missing}")
-        out[prefix + ".weight"] = GemliteState(group)
+def split_state(state: dict, source="gemlite state") -> dict:
+    """Flat released state dict {fqn.W_q: ..., fqn.weight: ...} -> {fqn.weight: GemliteState | dense tensor}.
+
+    A linear's optional "bias" and gemlite >= 0.6's "meta_scale" stay in its GemliteState.
+    """
+    groups, out = split_gemlite_state(state, source, extra=("bias", "meta_scale"))
+    out.update({f"{prefix}.weight": GemliteState(group) for prefix, group in groups.items()})
     return out
 
 

@@ -6,16 +6,19 @@ import torch
 from torch import nn
 
 from ...config import TextEncoderConfig
+from ...errors import BonsaiValueError
 from ...prompt import stack_features
+from ...state import check_state
 
 FEATURE_LAYERS = TextEncoderConfig.feature_layers  # the dataclass default: klein's (9, 18, 27)
 
 
 def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = torch.float32, layers=FEATURE_LAYERS,
-                      make_linear=None):
+                      make_linear=None, source="text encoder"):
     """A transformers Qwen3Model with decoder layers [0, max(layers)) from a Qwen3ForCausalLM state dict.
 
     Values that are not tensors (packed `Int4Weight` linears) become `make_linear(weight, device=, dtype=)`.
+    Strict (`bonsai.state.check_state`, naming `source`, the file the state came from).
     """
     import transformers
 
@@ -23,7 +26,7 @@ def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = to
 
     n = max(layers)
     if config.num_hidden_layers < n:
-        raise ValueError(f"text encoder has {config.num_hidden_layers} layers, features need {n}")
+        raise BonsaiValueError(f"{source}: text encoder has {config.num_hidden_layers} layers, features need {n}")
     config = qwen3_config(config.to_dict(), n)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
@@ -31,24 +34,20 @@ def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = to
     prefix = "model."
     wanted = {k.removeprefix(prefix): v for k, v in state.items()
               if k.startswith(prefix) and not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(wanted)), sorted(set(wanted) - expected)
-    if missing or unexpected:
-        raise ValueError(f"text encoder state dict does not match its config: missing {missing[:6]}, "
-                         f"unexpected {unexpected[:6]}")
+    check_state(source, {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in wanted.items()})
     packed = {k: v for k, v in wanted.items() if not isinstance(v, torch.Tensor)}
     if packed and make_linear is None:
-        raise ValueError(f"text encoder state has packed linears ({next(iter(packed))}, ...) but no make_linear")
+        raise BonsaiValueError(f"{source}: packed linears ({next(iter(packed))}, ...) but no make_linear")
     for key, weight in packed.items():
         parent, _, name = key.removesuffix(".weight").rpartition(".")
         if not key.endswith(".weight") or not isinstance(getattr(model.get_submodule(parent), name), nn.Linear):
-            raise ValueError(f"text encoder: packed weight {key} is not a linear's weight")
+            raise BonsaiValueError(f"{source}: packed weight {key} is not a linear's weight")
         setattr(model.get_submodule(parent), name, make_linear(weight, device=device, dtype=dtype))
     dense = {k: v.to(device=device, dtype=dtype) for k, v in wanted.items() if k not in packed}
     result = model.load_state_dict(dense, strict=False, assign=True)
     replaced = tuple(k.removesuffix("weight") for k in packed)
     if result.unexpected_keys or any(not k.startswith(replaced) for k in result.missing_keys):
-        raise ValueError(f"text encoder state dict did not load: {result}")
+        raise BonsaiValueError(f"{source}: state dict did not load: {result}")
     # hidden_states[-1] is the final-normed output; the features want the raw output of the last layer kept.
     model.norm = nn.Identity()
     model.rotary_emb = type(model.rotary_emb)(config=config).to(device)  # its buffers were built on meta

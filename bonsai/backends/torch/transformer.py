@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import TransformerConfig
+from ...errors import BonsaiValueError
 from ...latents import rope_tables
+from ...state import check_state, few
 from .linear import LowBitLinear
 
 FP16_MAX = 65504.0
@@ -264,36 +266,21 @@ def _is_lowbit(v) -> bool:
 
 
 def load_transformer(tensors: dict, config: TransformerConfig, device="cpu", dtype: torch.dtype = torch.float32,
-                     make_linear=LowBitLinear) -> Flux2Transformer:
+                     make_linear=LowBitLinear, source="transformer") -> Flux2Transformer:
     """Build the model from a diffusers-keyed state dict whose values are tensors or `LowBitWeight`s.
 
     Linears given as `LowBitWeight` become `make_linear(weight, device=, dtype=)` (never densified here); dense
-    tensors are cast to `dtype` and assigned. Strict: missing, unexpected or mis-shaped keys raise ValueError.
+    tensors are cast to `dtype` and assigned. Strict: missing, unexpected or mis-shaped keys raise ValueError
+    (`bonsai.state.check_state`), naming `source` (the file the tensors came from) first.
     """
     with torch.device("meta"):
         model = Flux2Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state(source, expected, {k: tuple(v.shape) for k, v in tensors.items()})
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = []
-    for key, value in tensors.items():
-        if key not in expected:
-            continue
-        if _is_lowbit(value) and key.removesuffix(".weight") not in linears:
-            wrong.append(f"{key}: low-bit weight for a non-linear parameter")
-        elif tuple(value.shape) != expected[key]:
-            wrong.append(f"{key}: expected {expected[key]}, got {tuple(value.shape)}")
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong}")
-        raise ValueError(f"transformer state dict does not match the config: {'; '.join(parts)}")
+    not_linear = [k for k, v in tensors.items() if _is_lowbit(v) and k.removesuffix(".weight") not in linears]
+    if not_linear:
+        raise BonsaiValueError(f"{source}: low-bit weights for non-linear parameters {few(not_linear)}")
 
     dense = {}
     for key, value in tensors.items():
@@ -307,5 +294,5 @@ def load_transformer(tensors: dict, config: TransformerConfig, device="cpu", dty
     model.load_state_dict(dense, strict=False, assign=True)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
-        raise ValueError(f"transformer parameters left unloaded: {still_meta}")
+        raise BonsaiValueError(f"{source}: parameters left unloaded: {few(still_meta)}")
     return model.eval().requires_grad_(False)

@@ -196,20 +196,14 @@ def decoder_state(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES) and k not in IGNORED_KEYS}
 
 
-def load_vae_decoder(state: dict, config: VAEConfig, device="cpu", dtype: torch.dtype = torch.float32) -> VAEDecoder:
-    """Build the decoder from a full VAE state dict; strict on decoder keys (ValueError lists any mismatch)."""
+def load_vae_decoder(state: dict, config: VAEConfig, device="cpu", dtype: torch.dtype = torch.float32,
+                     source="VAE") -> VAEDecoder:
+    """Build the decoder from a full VAE state dict; strict on decoder keys (`bonsai.state.check_state`, naming
+    `source`, the file the state came from)."""
     with torch.device("meta"):
         model = VAEDecoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = decoder_state(state)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = [f"{k}: expected {expected[k]}, got {tuple(v.shape)}"
-             for k, v in given.items() if k in expected and tuple(v.shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{name} {items}" for name, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
-        raise ValueError(f"VAE state dict does not match the config: {'; '.join(parts)}")
+    check_state(source, {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in given.items()})
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in given.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
