@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import BonsaiValueError
+from .errors import BonsaiFileNotFoundError, BonsaiValueError
 from .layouts import LAYOUTS, TransformerLayout, get_layout
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ RELEASED_REPOS = (
 )
 
 _COMMON = ["*.json", "vae/*", "tokenizer/*", "scheduler/*"]
+LORA_PATTERNS = ["*.safetensors", "*.json"]
 
 
 def layout_of_repo(repo_id: str) -> TransformerLayout:
@@ -46,12 +47,28 @@ def resolve(repo_id_or_dir: str | os.PathLike, revision: str | None = None, cach
     path = Path(repo_id_or_dir).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"{path} is a file; pass the repo folder (the one holding vae/, tokenizer/, ...)")
+            raise BonsaiValueError(f"{path} is a file; pass the repo folder (the one holding vae/, tokenizer/, ...)")
         return path
-    repo_id = str(repo_id_or_dir)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{repo_id!r} is neither an existing folder nor a Hugging Face repo id (owner/name)")
+    repo_id = _repo_id(repo_id_or_dir)
     patterns = _COMMON + (get_layout(layout) if layout else layout_of_repo(repo_id)).hub_patterns()
+    return _download(repo_id, patterns, revision, cache_dir, local_files_only)
+
+
+def resolve_lora(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+                 local_files_only: bool = False) -> Path:
+    """A LoRA repo id -> the local folder of its .safetensors (and json) files, fetched like a model."""
+    return _download(_repo_id(repo_id), LORA_PATTERNS, revision, cache_dir, local_files_only)
+
+
+def _repo_id(value) -> str:
+    repo_id = str(value)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise BonsaiFileNotFoundError(f"{repo_id!r} is neither an existing file or folder nor a Hugging Face repo "
+                                      "id (owner/name)")
+    return repo_id
+
+
+def _download(repo_id: str, patterns: list[str], revision, cache_dir, local_files_only) -> Path:
     from huggingface_hub import snapshot_download
 
     log.info("fetching %s (%s)", repo_id, ", ".join(patterns))
@@ -59,5 +76,5 @@ def resolve(repo_id_or_dir: str | os.PathLike, revision: str | None = None, cach
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
                                       local_files_only=local_files_only))
     except Exception as e:  # offline, unknown repo, no cache: one clear message instead of an HTTP traceback
-        raise FileNotFoundError(f"cannot fetch {repo_id!r} from Hugging Face or the local cache "
-                                f"({type(e).__name__}: {e})") from None
+        raise BonsaiFileNotFoundError(f"cannot fetch {repo_id!r} from Hugging Face or the local cache "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

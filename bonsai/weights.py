@@ -54,12 +54,6 @@ def read_transformer(folder: str | Path, layout: str | None = None, device=None)
                               autotune if autotune.is_file() else None)
 
 
-def read_quant_config(path: Path) -> dict:
-    """A released (gemlite or MLX) transformer folder's quantization_config.json, checked: bits 1 or 2,
-    group_size 128, solver agrees."""
-    return layouts.MLX.read_quant(Path(path))[1]
-
-
 def read_gemlite_state(folder: str | Path) -> tuple[TransformerConfig, dict, dict]:
     """The released gemlite transformer as stored: (config, quantization_config, raw state dict)."""
     found, path = layouts.find_transformer(folder, layouts.GEMLITE.name)
@@ -138,10 +132,13 @@ def qwen3_config(cfg: dict, layers: int):
     return transformers.Qwen3Config(**cfg)
 
 
+VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
+
+
 def read_vae(folder: str | Path) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
-    path = Path(folder) / "vae"
-    config = VAEConfig.from_json(path / "config.json")
-    return config, _read_safetensors(path / "diffusion_pytorch_model.safetensors")
+    """-> (config, full AutoencoderKLFlux2 state dict, encoder included) of the repo's vae/ folder."""
+    config = VAEConfig.from_json(Path(folder) / "vae" / "config.json")
+    return config, _read_safetensors(Path(folder) / VAE_FILE)
 
 
 def tokenizer_dir(folder: str | Path) -> Path:

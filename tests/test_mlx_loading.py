@@ -17,6 +17,8 @@ from bonsai.backends.mlx import vae as mv  # noqa: E402
 from bonsai.backends.mlx.loading import load_strict  # noqa: E402
 from bonsai.errors import BonsaiValueError  # noqa: E402
 
+from bonsai.layouts import MLX
+
 KEY = "transformer_blocks.0.attn.to_q"
 
 
@@ -74,7 +76,7 @@ def test_vae_and_transformer_loaders_name_the_file(tmp_path):
 def _write_mlx(folder, kind="ternary", replace=None, drop=None):
     """A tiny transformer-packed-mflux/ with some tensors replaced (torch values) or one dropped -> its weights file."""
     testing.write_transformer(folder, "mlx", kind)
-    file = folder / mt.PACKED_DIR / mt.WEIGHTS_FILE
+    file = folder / mt.PACKED_DIR / MLX.weight_file
     tensors = load_file(file)
     tensors.update(replace or {})
     tensors.pop(drop, None)
@@ -95,7 +97,7 @@ def _both_readers(folder) -> tuple[str, str]:
 
 
 def _rejected_identically(folder, rule: str):
-    file = str(folder / mt.PACKED_DIR / mt.WEIGHTS_FILE)
+    file = str(folder / mt.PACKED_DIR / MLX.weight_file)
     torch_msg, mlx_msg = _both_readers(folder)
     for msg in (torch_msg, mlx_msg):
         assert file in msg and rule in msg

@@ -15,6 +15,8 @@ from bonsai.backends.mlx import transformer as mt  # noqa: E402
 from bonsai.config import TransformerConfig  # noqa: E402
 from bonsai.latents import img_ids, txt_ids  # noqa: E402
 
+from bonsai.layouts import MLX
+
 TINY = dict(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
             joint_attention_dim=256, axes_dims_rope=(8, 8, 8, 8), in_channels=128)
 
@@ -137,7 +139,7 @@ def _write_packed(folder, config, mlx_w, bits):
     for k, v in mlx_w.items():
         a = mx.array(v)
         arrays[k] = a if a.dtype == mx.uint32 else a.astype(mx.bfloat16)
-    mx.save_safetensors(str(d / mt.WEIGHTS_FILE), arrays)
+    mx.save_safetensors(str(d / MLX.weight_file), arrays)
     return d
 
 

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ... import weights
+from ... import layouts, weights
 from ...config import TextEncoderConfig
 from ...errors import BonsaiFileNotFoundError, BonsaiValueError
 from ..torch.linear import dense_linear
-from ..torch.runtime import Cond, LazyModel, TorchRuntime, vae_encoder_loader
-from ..torch.text_encoder import load_text_encoder
+from ..torch.runtime import (Cond, LazyModel, TorchRuntime, read_transformer, read_vae_decoder, text_encoder_loader,
+                             vae_encoder_loader)
 from ..torch.transformer import load_transformer
-from ..torch.vae import load_vae_decoder
 from . import choice
 from .choice import GemmChoices
 from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
@@ -143,7 +142,7 @@ class CudaRuntime(TorchRuntime):
             from . import gemlite
 
             # Released tuned configs first, then ours on top (ours were measured on this GPU model).
-            for f in sorted(folder.glob("transformer*/gemlite_autotune.json")):
+            for f in sorted(folder.glob(f"transformer*/{layouts.GEMLITE_AUTOTUNE_FILE}")):
                 gemlite.load_autotune(f)
             tune = Path(autotune_file) if autotune_file else gemlite.autotune_cache_path()
             gemlite.load_autotune(tune)
@@ -153,28 +152,19 @@ class CudaRuntime(TorchRuntime):
         if linear == "gemlite" and weights.find_transformer(folder)[0] == "gemlite":
             transformer = _load_gemlite_transformer(folder, device, dtype)
         else:
-            tw = weights.read_transformer(folder, device=device)
-            transformer = load_transformer(tw.tensors, tw.config, device=device, dtype=dtype, make_linear=make_linear)
-            del tw
+            transformer = read_transformer(folder, device, dtype, make_linear)
         if compile:
             # Blocks of one class share their compiled code: parameters are graph inputs, not constants.
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
                 block.compile(dynamic=False)  # each GEMM choice is baked into the trace for a fixed M
         torch.cuda.synchronize(device)
         phases["transformer"] = _lap(t0, phases)
-        vae_config, vae_state = weights.read_vae(folder)
-        vae = load_vae_decoder(vae_state, vae_config, device=device, dtype=dtype)
+        vae = read_vae_decoder(folder, device, dtype)
         torch.cuda.synchronize(device)
         phases["vae"] = _lap(t0, phases)
         packed_te = text_encoder == "4bit" and weights.find_text_encoder(folder)[0] == "hqq"
-
-        def load_te():
-            config, state = weights.read_text_encoder(folder, layers=text_config.layers_needed, dtype=dtype,
-                                                      packed=packed_te, device=device if packed_te else None)
-            make = functools.partial(FastInt4Linear, workspace=workspace) if packed_te else None
-            return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers,
-                                     make_linear=make)
-
+        load_te = text_encoder_loader(folder, text_config, device, dtype,
+                                      functools.partial(FastInt4Linear, workspace=workspace) if packed_te else None)
         te = LazyModel(load_te, keep=not low and keep_text_encoder is not False, free=torch.cuda.empty_cache,
                        offload=_to_pinned_host, restore=lambda model: _to_device(model, device))
         return cls(transformer, vae, te, text_config, device, dtype, vae_encoder_loader(folder, device, dtype),

@@ -14,13 +14,14 @@ import mlx.nn as nn
 
 from ...config import read_json
 from ...config import TextEncoderConfig
+from ...layouts import TE_MLX
 from ...errors import BonsaiFileNotFoundError, BonsaiValueError
 
 DEFAULT_LAYERS = TextEncoderConfig.feature_layers  # the dataclass default: klein's (9, 18, 27)
 from . import mx_dtype, to_mx
 from .loading import load_strict
 
-MLX_TE_DIR = "text_encoder-mlx-4bit"
+MLX_TE_DIR = TE_MLX.folder
 
 
 def _qwen3():

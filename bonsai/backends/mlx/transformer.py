@@ -15,17 +15,16 @@ import mlx.nn as nn
 import numpy as np
 
 from ...config import TransformerConfig
+from ...layouts import MLX, Kind
 from ...errors import BonsaiFileNotFoundError
 from ...latents import rope_tables
 from ...quant.lowbit import LowBitWeight, check_mlx_affine
-from ...weights import read_quant_config
 from . import mx_dtype, to_mx
 from .loading import load_strict, to_numpy
 
 FP16_MAX = 65504.0
 
-PACKED_DIR = "transformer-packed-mflux"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+PACKED_DIR = MLX.folder(Kind.TERNARY)  # the same folder for both kinds
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
@@ -292,9 +291,9 @@ def read_packed_mflux(folder: str | Path) -> tuple[TransformerConfig, int, int, 
     if (folder / PACKED_DIR).is_dir():
         folder = folder / PACKED_DIR
     config = TransformerConfig.from_json(folder / "config.json")
-    q = read_quant_config(folder)
-    bits, group = q["bits"], q["group_size"]
-    path = folder / WEIGHTS_FILE
+    kind, q = MLX.read_quant(folder)
+    bits, group = kind.bits, q["group_size"]
+    path = folder / MLX.weight_file
     if not path.is_file():
         raise BonsaiFileNotFoundError(f"missing {path}")
     return config, bits, group, mx.load(str(path))
@@ -350,7 +349,7 @@ def load_transformer_folder(folder: str | Path, dtype="float16", dense: bool = F
     folder = Path(folder)
     if (folder / PACKED_DIR).is_dir() or folder.name == PACKED_DIR:
         config, bits, group, weights = read_packed_mflux(folder)
-        source = str((folder if folder.name == PACKED_DIR else folder / PACKED_DIR) / WEIGHTS_FILE)
+        source = str((folder if folder.name == PACKED_DIR else folder / PACKED_DIR) / MLX.weight_file)
     else:
         from ... import weights as bonsai_weights
 
@@ -359,5 +358,4 @@ def load_transformer_folder(folder: str | Path, dtype="float16", dense: bool = F
         bits, weights = mlx_tensors(tw.tensors)
         del tw
     model = load_transformer(weights, config, bits, group, dtype=dtype, dense=dense, source=source)
-    kind = {2: "ternary", 1: "binary", None: "dense"}[bits]
-    return model, kind
+    return model, "dense" if bits is None else Kind.from_bits(bits, source)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ... import weights
+from ... import layouts, weights
 from ...config import TextEncoderConfig
 from ...errors import BonsaiValueError
 from ...memory import MemorySampler, available_bytes, keep_resident, render_bytes, rss_bytes
@@ -106,19 +106,11 @@ class TorchRuntime:
         folder = Path(folder)
         device = torch.device(device or "cpu")
         dtype = dtype or default_dtype(device)
-        tw = weights.read_transformer(folder, device=device)
-        transformer = load_transformer(tw.tensors, tw.config, device=device, dtype=dtype, make_linear=make_linear)
-        del tw
-        vae_config, vae_state = weights.read_vae(folder)
-        vae = load_vae_decoder(vae_state, vae_config, device=device, dtype=dtype)
-
-        def load_te():
-            config, state = weights.read_text_encoder(folder, layers=text_config.layers_needed)
-            return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers)
-
-        te = LazyModel(load_te, keep_text_encoder is not False, free=_empty_cache(device))
-        return cls(transformer, vae, te, text_config, device, dtype, vae_encoder_loader(folder, device, dtype),
-                   auto_residency=keep_text_encoder == "auto")
+        transformer = read_transformer(folder, device, dtype, make_linear)
+        te = LazyModel(text_encoder_loader(folder, text_config, device, dtype), keep_text_encoder is not False,
+                       free=_empty_cache(device))
+        return cls(transformer, read_vae_decoder(folder, device, dtype), te, text_config, device, dtype,
+                   vae_encoder_loader(folder, device, dtype), auto_residency=keep_text_encoder == "auto")
 
     @torch.inference_mode()
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -200,12 +192,40 @@ class TorchRuntime:
         return sampler
 
 
+# --- loading, shared with the CUDA runtime ---
+
+
+def read_transformer(folder: Path, device, dtype, make_linear):
+    tw = weights.read_transformer(folder, device=device)
+    source = tw.path / layouts.get_layout(tw.layout).weight_file
+    return load_transformer(tw.tensors, tw.config, device=device, dtype=dtype, make_linear=make_linear,
+                            source=str(source))
+
+
+def read_vae_decoder(folder: Path, device, dtype):
+    config, state = weights.read_vae(folder)
+    return load_vae_decoder(state, config, device=device, dtype=dtype, source=str(folder / weights.VAE_FILE))
+
+
 def vae_encoder_loader(folder: Path, device, dtype) -> LazyModel:
     def load():
         config, state = weights.read_vae(folder)
-        return load_vae_encoder(state, config, device=device, dtype=dtype)
+        return load_vae_encoder(state, config, device=device, dtype=dtype, source=str(folder / weights.VAE_FILE))
 
     return LazyModel(load, keep=True)
+
+
+def text_encoder_loader(folder: Path, text_config: TextEncoderConfig, device, dtype, packed_linear=None):
+    """The text encoder's load function; packed_linear: keep the HQQ pack's linears 4-bit as these modules."""
+
+    def load():
+        packed = packed_linear is not None
+        config, state = weights.read_text_encoder(folder, layers=text_config.layers_needed, dtype=dtype,
+                                                  packed=packed, device=device if packed else None)
+        return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers,
+                                 make_linear=packed_linear, source=str(weights.find_text_encoder(folder)[1]))
+
+    return load
 
 
 def _empty_cache(device: torch.device) -> Callable[[], None]:
