@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="torch device for the torch backend (default cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     p.add_argument("--offline", action="store_true", help="use only the local HF cache")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA file, folder or repo id, strength SCALE (default 1.0); repeatable")
 
 
 def _backend(args):
@@ -33,12 +35,30 @@ def _backend(args):
     return backend
 
 
+def parse_lora(value: str) -> tuple[str, float]:
+    """"path" -> (path, 1.0); "path:0.7" -> (path, 0.7)."""
+    from . import params
+
+    path, sep, scale = value.rpartition(":")
+    try:
+        number = float(scale) if sep and path else None
+    except ValueError:
+        number = None  # a colon in the path itself
+    if number is None:
+        return value, 1.0
+    return path, params.finite(number, f"--lora {value}: scale", -10.0, 10.0)
+
+
 def _load(args, backend):
     from .pipeline import Pipeline
 
+    loras = [parse_lora(v) for v in args.lora]  # checked before the model loads
     model = args.model or DEFAULT_MODELS["mlx" if backend.value == "mlx" else "other"]
-    return Pipeline.from_pretrained(model, backend=backend.value, device=args.device, dtype=args.dtype,
+    pipe = Pipeline.from_pretrained(model, backend=backend.value, device=args.device, dtype=args.dtype,
                                     local_files_only=args.offline)
+    for path, scale in loras:
+        pipe.load_lora(path, scale=scale)
+    return pipe
 
 
 def _job_kwargs(job: dict) -> dict:
@@ -61,9 +81,28 @@ def _generate_request(args):
     return params.check(args.prompt, width, height, args.steps, args.seed, args.style, args.aspect, args.long_edge)
 
 
+def _open_image(path: str, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    from .errors import BonsaiValueError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise BonsaiValueError(f"{flag}: no such file {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise BonsaiValueError(f"{flag}: {path} is not a readable image ({e})") from None
+
+
 def cmd_generate(args) -> int:
     from .errors import BonsaiValueError
 
+    images = [_open_image(p, "--image") for p in args.image] or None
+    init = _open_image(args.init_image, "--init-image") if args.init_image else None
+    if args.strength is not None and init is None:
+        raise BonsaiValueError("--strength applies to image-to-image: pass --init-image too")
     req = _generate_request(args)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -71,8 +110,10 @@ def cmd_generate(args) -> int:
     if not out.parent.is_dir():
         raise BonsaiValueError(f"--out: folder {out.parent} does not exist")
     pipe = _load(args, _backend(args))
-    result = pipe(req.prompts[0], width=req.width, height=req.height, steps=req.steps, seed=req.seeds[0],
-                  style=req.style, progress=not args.quiet)
+    size = {} if (images or init) and not (args.size or args.aspect) else dict(width=req.width, height=req.height)
+    result = pipe(req.prompts[0], **size, steps=req.steps, seed=req.seeds[0], style=req.style, image=images,
+                  init_image=init, strength=1.0 if args.strength is None else args.strength,
+                  progress=not args.quiet)
     for p in result.save(out):
         print(p)
     print(result.report, file=sys.stderr)
@@ -142,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="0 to 2**32 - 1 (default: random)")
     g.add_argument("--steps", type=int, default=4, help="Euler steps, 1 to 50 (default 4, what the model is made for)")
     g.add_argument("--style", choices=list(STYLES), metavar="STYLE", help=f"one of: {', '.join(STYLES)}")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="a reference image to edit or take elements from (repeatable, up to 4)")
+    g.add_argument("--init-image", metavar="FILE", help="image-to-image: start from this image")
+    g.add_argument("--strength", type=float, help="image-to-image: 0 < strength <= 1 (default 1.0: ignore it)")
     g.add_argument("--out", default="bonsai.png", help="PNG file (default bonsai.png)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)

@@ -1,0 +1,56 @@
+"""`bonsai generate` with --lora, --image, --init-image and --strength, as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bonsai import testing
+
+pytest.importorskip("peft")
+pytest.importorskip("diffusers")
+
+
+def bonsai_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bonsai.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return testing.write_repo(tmp_path_factory.mktemp("cli-img") / "tiny", layout="gemlite", seed=2)
+
+
+def test_generate_with_lora_image_and_init_image(repo, tmp_path):
+    from test_lora_images_render import write_peft_lora
+    from test_pipeline import _diffusers_pipeline
+
+    lora = write_peft_lora(tmp_path / "lora", _diffusers_pipeline(repo).transformer)
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(ref)
+    common = ["-p", "a small boat", "--model", repo, "--backend", "torch", "--dtype", "float32", "--seed", "4", "-q"]
+    outs = {}
+    for name, extra in {"plain": ["--size", "80x64"], "lora": ["--size", "80x64", "--lora", f"{lora}:0.5"],
+                        "edit": ["--image", ref], "img2img": ["--init-image", ref, "--strength", "0.5"]}.items():
+        r = bonsai_cli("generate", *common, *extra, "--out", tmp_path / f"{name}.png")
+        assert r.returncode == 0, r.stderr
+        outs[name] = Image.open(tmp_path / f"{name}.png")
+        assert outs[name].size == (80, 64)
+    meta = {k: json.loads(v.text["bonsai"]) for k, v in outs.items()}
+    assert meta["lora"]["loras"] == {"pytorch_lora_weights": 0.5} and meta["plain"]["loras"] == {}
+    assert meta["edit"]["references"] == 1 and meta["img2img"]["init_image"] and meta["img2img"]["strength"] == 0.5
+    plain = np.asarray(outs["plain"]).astype(int)
+    for name in ("lora", "edit", "img2img"):
+        assert np.abs(np.asarray(outs[name]).astype(int) - plain).max() > 2, name
+
+
+def test_image_argument_errors_come_before_loading(tmp_path):
+    for extra, match in [(["--image", tmp_path / "none.png"], "--image: no such file"),
+                         (["--strength", "0.5"], "--strength applies"),
+                         (["--lora", "x:nan"], "scale")]:
+        r = bonsai_cli("generate", "-p", "x", "--model", "prism-ml/none-gemlite", *extra)
+        assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
