@@ -23,8 +23,9 @@ def load_torch_file(file: Path) -> dict:
     return state
 
 
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """One safetensors file, or the shards its `<file>.index.json` names when the file itself is absent."""
+def read_safetensors(file: Path, device=None) -> dict[str, torch.Tensor]:
+    """One safetensors file, or the shards its `<file>.index.json` names when the file itself is absent; the
+    tensors are read straight onto `device` (default CPU)."""
     from safetensors.torch import load_file
 
     files = [file]
@@ -36,7 +37,7 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         if not f.is_file():
             raise BonsaiFileNotFoundError(f"missing {f}")
         try:
-            tensors.update(load_file(f))
+            tensors.update(load_file(f, device=str(device or "cpu")))
         except Exception as e:
             raise BonsaiValueError(f"{f}: not a readable safetensors file ({e})") from None
     return tensors

@@ -46,30 +46,32 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 # --- transformer ------------------------------------------------------------------------------------------------
 
 
-def random_transformer(config: TransformerConfig, kind: str, seed: int = 0) -> dict:
-    """{diffusers key: LowBitWeight | bf16-exact float32 tensor} with roughly unit-variance activations."""
-    g = torch.Generator().manual_seed(seed)
+def random_transformer(config: TransformerConfig, kind: str, seed: int = 0, device=None) -> dict:
+    """{diffusers key: LowBitWeight | bf16-exact float32 tensor} with roughly unit-variance activations, drawn on
+    `device` (a GPU makes the 4B shapes in seconds) and returned on the CPU."""
+    g = torch.Generator(device or "cpu").manual_seed(seed)
     tensors = {}
     for name, (out, k) in layouts.lowbit_linears(config).items():
         if kind == "ternary":
-            codes = torch.randint(-1, 2, (out, k), generator=g, dtype=torch.int8)
+            codes = torch.randint(-1, 2, (out, k), generator=g, dtype=torch.int8, device=device)
         else:
-            codes = torch.randint(0, 2, (out, k), generator=g, dtype=torch.int8) * 2 - 1
+            codes = torch.randint(0, 2, (out, k), generator=g, dtype=torch.int8, device=device) * 2 - 1
         # bf16 scales, as the MLX layout stores them, so every layout holds the same weight exactly.
-        scales = _bf16((0.8 + 0.4 * torch.rand(out, k // GROUP_SIZE, generator=g)) / k**0.5)
-        tensors[f"{name}.weight"] = LowBitWeight.from_codes(codes, scales, kind, GROUP_SIZE)
+        scales = _bf16((0.8 + 0.4 * torch.rand(out, k // GROUP_SIZE, generator=g, device=device)) / k**0.5)
+        tensors[f"{name}.weight"] = LowBitWeight.from_codes(codes, scales, kind, GROUP_SIZE).to("cpu")
     for key, shape in layouts.dense_tensors(config).items():
         if len(shape) == 1:  # QK RMSNorm weights
-            tensors[key] = _bf16(1 + 0.1 * torch.randn(shape, generator=g))
+            t = 1 + 0.1 * torch.randn(shape, generator=g, device=device)
         else:
-            tensors[key] = _bf16(torch.randn(shape, generator=g) / shape[1] ** 0.5)
+            t = torch.randn(shape, generator=g, device=device) / shape[1] ** 0.5
+        tensors[key] = _bf16(t).cpu()
     return tensors
 
 
 def write_transformer(folder: str | Path, layout: str, kind: str, config: TransformerConfig = TINY_TRANSFORMER,
-                             seed: int = 0) -> dict:
+                      seed: int = 0, device=None) -> dict:
     """Random transformer written as `layout` under folder; returns the tensors written."""
-    tensors = random_transformer(config, kind, seed)
+    tensors = random_transformer(config, kind, seed, device)
     out = layouts.get_layout(layout).write(folder, tensors, config, kind)
     if layout == layouts.GEMLITE.name:  # the released gemlite folders ship a (GEMV-only) autotune file
         (out / layouts.GEMLITE_AUTOTUNE_FILE).write_text("{}")
@@ -153,14 +155,18 @@ def write_hqq_text_encoder(folder: Path, config, state: dict) -> Path:
 
 
 def write_mlx_text_encoder(folder: Path, config, state: dict) -> Path:
-    """text_encoder-mlx-4bit/: mlx-community layout, affine 4-bit g64 linears and embedding, bf16 norms."""
+    """text_encoder-mlx-4bit/: mlx-community layout, affine 4-bit g64 linears and embedding, bf16 norms.
+
+    A 2-D value may already be its MLX form ({"weight", "scales", "biases"}), written as is."""
     from safetensors.torch import save_file
 
     out = folder / layouts.TE_MLX.folder
     out.mkdir(parents=True, exist_ok=True)
     flat = {}
     for key, t in state.items():
-        if t.ndim == 2:
+        if isinstance(t, dict):
+            flat.update({f"{key.removesuffix('.weight')}.{n}": v for n, v in t.items()})
+        elif t.ndim == 2:
             prefix = key.removesuffix(".weight")
             flat.update({f"{prefix}.{n}": v for n, v in mlx4_pack(t, MLX_TE_GROUP).items()})
         else:
@@ -356,6 +362,68 @@ def write_repo(path: str | Path, layout: str = "gemlite", kind: str = "ternary",
     return path
 
 
+# --- full-size repos (benchmarks) ------------------------------------------------------------------------------
+
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)
+FULL_TE_LAYERS = 27  # the features read hidden states 9, 18 and 27: the release's later layers are never run
+
+
+def random_text_encoder_packed(config, fmt: str, seed: int = 0, device=None) -> dict:
+    """A Qwen3 state dict with random 4-bit codes straight in the serialized form of `fmt` ("hqq": HQQLinear
+    states; "mlx": MLX affine dicts, the embedding quantized too) or random bf16 tensors ("dense"); quantizing
+    2.7B random weights would take minutes, drawing codes takes seconds."""
+    g = torch.Generator(device or "cpu").manual_seed(seed)
+    h, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    template = hqq_linear_state(torch.zeros(1, HQQ_GROUP))
+
+    def linear(out_f, in_f, quantize=True):
+        if fmt == "dense" or not quantize and fmt == "hqq":
+            return (torch.randn(out_f, in_f, generator=g, device=device) / in_f**0.5).to(torch.bfloat16).cpu()
+        codes = torch.randint(0, 256, (out_f * in_f // 2,), generator=g, device=device, dtype=torch.uint8).cpu()
+        groups = out_f * in_f // HQQ_GROUP
+        scale = (torch.rand(groups, generator=g, device=device) / 4 / in_f**0.5).cpu()
+        if fmt == "hqq":
+            return {**template, "shape": torch.Size([out_f, in_f]), "W_q": codes.view(groups // 2, HQQ_GROUP),
+                    "scale": scale.half().view(groups, 1), "zero": torch.full((groups, 1), 7.5, dtype=torch.float16)}
+        s = scale.to(torch.bfloat16).view(out_f, in_f // HQQ_GROUP)
+        return {"weight": codes.view(torch.uint32).view(out_f, in_f // 8), "scales": s, "biases": -7.5 * s}
+
+    state = {"model.embed_tokens.weight": linear(config.vocab_size, h, quantize=fmt == "mlx"),
+             "model.norm.weight": torch.ones(h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        state.update({f"{p}.self_attn.q_proj.weight": linear(q, h), f"{p}.self_attn.k_proj.weight": linear(kv, h),
+                      f"{p}.self_attn.v_proj.weight": linear(kv, h), f"{p}.self_attn.o_proj.weight": linear(h, q),
+                      f"{p}.mlp.gate_proj.weight": linear(f, h), f"{p}.mlp.up_proj.weight": linear(f, h),
+                      f"{p}.mlp.down_proj.weight": linear(h, f)})
+        for norm in ("self_attn.q_norm", "self_attn.k_norm"):
+            state[f"{p}.{norm}.weight"] = torch.ones(hd)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{p}.{norm}.weight"] = torch.ones(h)
+    return state
+
+
+def write_full_size_repo(path: str | Path, layout: str, kind: str, seed: int = 0, device=None) -> Path:
+    """A repo of the real shapes in `layout`: klein-4B transformer, FLUX.2 VAE, Qwen3-4B text encoder (its first
+    27 layers) with random weights, a small tokenizer. For benchmarks: the files are as large as the release's."""
+    import transformers
+
+    from .config import FLUX2_VAE, KLEIN_4B
+
+    path = write_repo(path, layout, kind, transformer_config=TINY_TRANSFORMER, seed=seed, vae_config=FLUX2_VAE)
+    write_transformer(path, layout, kind, KLEIN_4B, seed, device)  # replaces the tiny one
+    te = layouts.get_text_encoder(layouts.get_layout(layout).text_encoders[0])
+    config = transformers.Qwen3Config(**{**QWEN3_4B, "num_hidden_layers": FULL_TE_LAYERS},
+                                      architectures=["Qwen3ForCausalLM"])
+    state = random_text_encoder_packed(config, te.name, seed + 1, device)
+    {"hqq": write_hqq_text_encoder, "mlx": write_mlx_text_encoder, "dense": write_dense_text_encoder}[te.name](
+        path, config, state)
+    return path
+
+
 __all__ = ["TINY_TRANSFORMER", "TINY_VAE", "TINY_FEATURE_LAYERS", "write_repo", "write_transformer",
            "random_transformer", "random_text_encoder", "random_vae", "vae_shapes", "write_tokenizer",
-           "hqq_linear_state", "config_json"]
+           "hqq_linear_state", "config_json", "write_full_size_repo"]
