@@ -19,7 +19,9 @@ from ..torch.runtime import (Cond, LazyModel, TorchRuntime, read_transformer, re
                              vae_encoder_loader)
 from ..torch.transformer import load_transformer
 from . import choice
+from ..torch.transformer import TORCH_OPS
 from .choice import GemmChoices
+from .fused import FUSED_OPS
 from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def _to_device(model, device):
     return model
 
 
-def _load_gemlite_transformer(folder: Path, device, dtype):
+def _load_gemlite_transformer(folder: Path, device, dtype, ops):
     """A released gemlite repo straight into gemlite layers: the stored W_q/scales/zeros, no repacking."""
     from . import gemlite
 
@@ -63,7 +65,8 @@ def _load_gemlite_transformer(folder: Path, device, dtype):
             if width != packing:
                 raise ValueError(f"{folder}: quantization_config packing_bitwidth={packing} but {key[:-7]}.W_q is "
                                  f"{value.packed.dtype} ({width}-bit packing)")
-    return load_transformer(tensors, config, device=device, dtype=dtype, make_linear=gemlite.make_gemlite_linear)
+    return load_transformer(tensors, config, device=device, dtype=dtype, make_linear=gemlite.make_gemlite_linear,
+                            ops=ops)
 
 
 class CudaRuntime(TorchRuntime):
@@ -90,7 +93,7 @@ class CudaRuntime(TorchRuntime):
     def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
              linear: str = "auto", activations: str | None = None, text_encoder: str = "4bit",
              keep_text_encoder: bool | str = "auto", memory: str = "auto", autotune_file: str | Path | None = None,
-             cuda_graphs: bool | None = None, compile: bool = False) -> "CudaRuntime":
+             cuda_graphs: bool | None = None, compile: bool = False, fused: bool = True) -> "CudaRuntime":
         """linear: "auto" (per shape, the faster of "expand" and "fused", measured once and cached), "expand"
         (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop), "gemlite", or "dense" (the
         codes expanded to bf16 at load: the dense baseline, 5x the weight memory).
@@ -107,7 +110,7 @@ class CudaRuntime(TorchRuntime):
         Our per-shape GEMM choices are persisted next to them (`choice.cache_path()`).
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
         ~1k small kernels per step); default on, off with memory="low". compile: torch.compile each transformer
-        block (fuses the elementwise work).
+        block (fuses the elementwise work). fused: our Triton kernels for the elementwise steps (fused.py).
         """
         if not torch.cuda.is_available():
             raise RuntimeError("CudaRuntime needs a CUDA device; torch.cuda.is_available() is False")
@@ -136,6 +139,7 @@ class CudaRuntime(TorchRuntime):
         folder = Path(folder)
         if not folder.is_dir():
             raise BonsaiFileNotFoundError(f"model folder {folder} does not exist")
+        ops = FUSED_OPS if fused else TORCH_OPS
         phases, t0 = {}, time.perf_counter()
         tune = None
         if linear == "gemlite":
@@ -150,9 +154,9 @@ class CudaRuntime(TorchRuntime):
             choices.load(choice.cache_path())
         phases["tuning caches"] = _lap(t0)
         if linear == "gemlite" and weights.find_transformer(folder)[0] == "gemlite":
-            transformer = _load_gemlite_transformer(folder, device, dtype)
+            transformer = _load_gemlite_transformer(folder, device, dtype, ops)
         else:
-            transformer = read_transformer(folder, device, dtype, make_linear)
+            transformer = read_transformer(folder, device, dtype, make_linear, ops)
         if compile:
             # Blocks of one class share their compiled code: parameters are graph inputs, not constants.
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):

@@ -17,7 +17,7 @@ from .linear import LowBitLinear
 from .lora import set_adapters as set_lora_adapters
 from .text_encoder import encode as encode_text
 from .text_encoder import load_text_encoder
-from .transformer import load_transformer
+from .transformer import TORCH_OPS, Ops, load_transformer
 from .vae import load_vae_decoder, load_vae_encoder
 
 
@@ -195,11 +195,11 @@ class TorchRuntime:
 # --- loading, shared with the CUDA runtime ---
 
 
-def read_transformer(folder: Path, device, dtype, make_linear):
+def read_transformer(folder: Path, device, dtype, make_linear, ops: Ops = TORCH_OPS):
     tw = weights.read_transformer(folder, device=device)
     source = tw.path / layouts.get_layout(tw.layout).weight_file
     return load_transformer(tw.tensors, tw.config, device=device, dtype=dtype, make_linear=make_linear,
-                            source=str(source))
+                            source=str(source), ops=ops)
 
 
 def read_vae_decoder(folder: Path, device, dtype):

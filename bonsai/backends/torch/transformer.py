@@ -7,6 +7,8 @@ and everything else in the model dtype, and fp16 residual streams are clipped to
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,16 @@ def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Affine-free LayerNorm, then per-sample (1 + scale) and shift [B, 1, D]."""
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The elementwise steps a backend may run as fused kernels of the same math (backends/cuda/fused.py)."""
+
+    modulate: Callable = modulate
+
+
+TORCH_OPS = Ops()
 
 
 def split_mod(mod: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
@@ -148,9 +160,9 @@ class JointAttention(nn.Module):
 class DoubleStreamBlock(nn.Module):
     """MMDiT block: image and text streams with their own weights, one joint attention."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, ops: Ops = TORCH_OPS):
         super().__init__()
-        self.eps = cfg.eps
+        self.eps, self.ops = cfg.eps, ops
         self.attn = JointAttention(cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.eps)
         self.ff = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
         self.ff_context = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
@@ -158,13 +170,13 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, x, c, mod_img, mod_txt, rope):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = split_mod(mod_img, 6)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = split_mod(mod_txt, 6)
-        attn_x, attn_c = self.attn(
-            modulate(x, shift_msa, scale_msa, self.eps), modulate(c, c_shift_msa, c_scale_msa, self.eps), rope
-        )
+        mod = self.ops.modulate
+        attn_x, attn_c = self.attn(mod(x, shift_msa, scale_msa, self.eps), mod(c, c_shift_msa, c_scale_msa, self.eps),
+                                   rope)
         x = torch.addcmul(x, gate_msa, attn_x)
-        x = torch.addcmul(x, gate_mlp, self.ff(modulate(x, shift_mlp, scale_mlp, self.eps)))
+        x = torch.addcmul(x, gate_mlp, self.ff(mod(x, shift_mlp, scale_mlp, self.eps)))
         c = torch.addcmul(c, c_gate_msa, attn_c)
-        c = torch.addcmul(c, c_gate_mlp, self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp, self.eps)))
+        c = torch.addcmul(c, c_gate_mlp, self.ff_context(mod(c, c_shift_mlp, c_scale_mlp, self.eps)))
         return x, clip_fp16(c)
 
 
@@ -187,35 +199,35 @@ class ParallelSelfAttention(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, ops: Ops = TORCH_OPS):
         super().__init__()
-        self.eps = cfg.eps
+        self.eps, self.ops = cfg.eps, ops
         self.attn = ParallelSelfAttention(
             cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_hidden_dim, cfg.eps
         )
 
     def forward(self, h, mod, rope):
         shift, scale, gate = split_mod(mod, 3)
-        return clip_fp16(torch.addcmul(h, gate, self.attn(modulate(h, shift, scale, self.eps), rope)))
+        return clip_fp16(torch.addcmul(h, gate, self.attn(self.ops.modulate(h, shift, scale, self.eps), rope)))
 
 
 class NormOut(nn.Module):
     """Final adaptive LayerNorm; the projection yields [scale | shift] (diffusers order)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops: Ops = TORCH_OPS):
         super().__init__()
-        self.eps = eps
+        self.eps, self.ops = eps, ops
         self.linear = _linear(dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale, shift = split_mod(self.linear(F.silu(temb).to(x.dtype)), 2)
-        return modulate(x, shift, scale, self.eps)
+        return self.ops.modulate(x, shift, scale, self.eps)
 
 
 class Flux2Transformer(nn.Module):
     """Velocity model. forward(x [B, N_img, in], context [B, N_txt, joint], sigma [B], img_ids, txt_ids)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, ops: Ops = TORCH_OPS):
         super().__init__()
         self.config = cfg
         dim = cfg.inner_dim
@@ -225,9 +237,10 @@ class Flux2Transformer(nn.Module):
         self.double_stream_modulation_img = Modulation(dim, 2)
         self.double_stream_modulation_txt = Modulation(dim, 2)
         self.single_stream_modulation = Modulation(dim, 1)
-        self.transformer_blocks = nn.ModuleList([DoubleStreamBlock(cfg) for _ in range(cfg.num_layers)])
-        self.single_transformer_blocks = nn.ModuleList([SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)])
-        self.norm_out = NormOut(dim, cfg.eps)
+        self.transformer_blocks = nn.ModuleList([DoubleStreamBlock(cfg, ops) for _ in range(cfg.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList([SingleStreamBlock(cfg, ops)
+                                                        for _ in range(cfg.num_single_layers)])
+        self.norm_out = NormOut(dim, cfg.eps, ops)
         self.proj_out = _linear(dim, cfg.out_dim)
 
     def rope(self, img_ids: torch.Tensor, txt_ids: torch.Tensor, device) -> torch.Tensor:
@@ -266,7 +279,7 @@ def _is_lowbit(v) -> bool:
 
 
 def load_transformer(tensors: dict, config: TransformerConfig, device="cpu", dtype: torch.dtype = torch.float32,
-                     make_linear=LowBitLinear, source="transformer") -> Flux2Transformer:
+                     make_linear=LowBitLinear, source="transformer", ops: Ops = TORCH_OPS) -> Flux2Transformer:
     """Build the model from a diffusers-keyed state dict whose values are tensors or `LowBitWeight`s.
 
     Linears given as `LowBitWeight` become `make_linear(weight, device=, dtype=)` (never densified here); dense
@@ -274,7 +287,7 @@ def load_transformer(tensors: dict, config: TransformerConfig, device="cpu", dty
     (`bonsai.state.check_state`), naming `source` (the file the tensors came from) first.
     """
     with torch.device("meta"):
-        model = Flux2Transformer(config)
+        model = Flux2Transformer(config, ops)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state(source, expected, {k: tuple(v.shape) for k, v in tensors.items()})
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
