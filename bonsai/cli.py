@@ -61,6 +61,7 @@ def cmd_generate(args) -> int:
 
 def cmd_batch(args) -> int:
     from . import jobs
+    from .errors import BonsaiValueError
 
     def report(row):
         if row["status"] == "failed":
@@ -71,7 +72,7 @@ def cmd_batch(args) -> int:
     common = dict(batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet, on_row=report)
     if args.ray is None:
         if args.workers is not None or args.gpus_per_worker is not None:
-            raise ValueError("--workers and --gpus-per-worker need --ray")
+            raise BonsaiValueError("--workers and --gpus-per-worker need --ray")
         rows = jobs.run(args.jobs, args.out, jobs.in_process(lambda: _load(args)), **common)
     else:
         from .distributed import render_jobs

@@ -62,17 +62,31 @@ def output_name(value, line: int) -> str:
         return default_name(line)
     if not isinstance(value, str) or not value.strip():
         raise BonsaiValueError(f"out must be a non-empty relative path, got {value!r}")
+    if "\0" in value or not value.isprintable() or not _utf8(value):
+        raise BonsaiValueError(f"out must be printable UTF-8 text, got {value!r}")
     win = PureWindowsPath(value)
     if value.startswith(("/", "\\", "~")) or win.drive or PurePosixPath(value).is_absolute():
         raise BonsaiValueError(f"out must be a path relative to the output folder, got {value!r}")
     if ".." in PurePosixPath(value).parts or ".." in win.parts:
         raise BonsaiValueError(f"out must stay inside the output folder ('..' not allowed), got {value!r}")
     rel = PurePosixPath(value)
+    if any(len(part.encode("utf-8")) > 250 for part in rel.parts):  # 255 on most file systems, less our suffixes
+        raise BonsaiValueError(f"out has a name longer than 250 bytes: {value[:40]!r}...")
+    if rel.name in ("", "."):
+        raise BonsaiValueError(f"out must name a file, got {value!r}")
     if rel.suffix.lower() != ".png":
         if rel.suffix:
             raise BonsaiValueError(f"out must end in .png (or have no suffix), got {value!r}")
         rel = rel.with_name(rel.name + ".png")
     return rel.as_posix()
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can carry
+        return False
+    return True
 
 
 def output_path(folder: Path, name: str) -> Path:
@@ -131,7 +145,7 @@ def read(source: str | Path | Iterable, folder: str | Path) -> tuple[list[Job], 
         except BonsaiValueError as e:
             failed.append(row(line, "failed", error=str(e)))
             continue
-        owner[job.path] = line
+        owner[job.path] = job.line
         jobs.append(job)
     return jobs, failed
 
@@ -246,7 +260,12 @@ def render(pipe, chunk: Sequence[Job], *, overwrite: bool = False, since_ns: int
     render_s = time.perf_counter() - t0
     for job, image in zip(todo, result.images):
         t1 = time.perf_counter()
-        write_png(image, job.path)
+        try:
+            write_png(image, job.path)
+        except OSError as e:  # this file only (a read-only subfolder, say); a full disk fails every job in turn
+            rows.append(row(job.line, "failed", job, error=f"cannot write {job.out}: {one_line(e)}", worker=worker,
+                            attempt=attempt))
+            continue
         timings = dict(render_s=render_s, encode_s=rep.encode_s, denoise_s=rep.denoise_s, decode_s=rep.decode_s,
                        write_s=time.perf_counter() - t1)
         rows.append(row(job.line, "done", job, worker=worker, attempt=attempt, batch=len(todo), timings=timings,
@@ -334,13 +353,18 @@ def run(source, folder: str | Path, execute: Execute, *, batch_size: int = 1, ov
         for r in rows:
             if on_row is not None:
                 on_row(r)
-        if todo:
-            with tqdm(total=len(todo), unit="img", desc="batch", disable=not progress) as bar:
-                for r in execute(plan(todo, batch_size), overwrite, since_ns, marker):
+        try:
+            with tqdm(total=len(todo), unit="img", desc="batch", disable=not progress or not todo) as bar:
+                for r in execute(plan(todo, batch_size), overwrite, since_ns, marker) if todo else ():
                     rows.append(r)
                     bar.update(1)
                     if on_row is not None:
                         on_row(r)
+        except BaseException as e:  # the model did not load, Ctrl-C, ...: results.jsonl still has every line
+            seen = {r["line"] for r in rows}
+            rows += [row(j.line, "failed", j, error=f"not rendered: {one_line(e)}") for j in todo if j.line not in seen]
+            write_results(folder, rows)
+            raise
         write_results(folder, rows)
     finally:
         marker.unlink(missing_ok=True)

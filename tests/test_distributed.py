@@ -2,7 +2,6 @@
 single-process batch, bad lines reported, resumable, a worker that dies mid-batch loses nothing."""
 
 import json
-import os
 import time
 
 import numpy as np
@@ -148,3 +147,19 @@ def test_a_worker_that_cannot_see_the_output_folder_takes_no_work(repo, tmp_path
     assert worker.info(str(marker))["error"] is None
     error = distributed.Worker(0, str(repo), "torch", {}).info(str(tmp_path / "elsewhere" / marker.name))["error"]
     assert "not visible" in error and "shared folder" in error
+
+
+def test_cli_batch_on_ray(runtime, repo, single, tmp_path):
+    # The console script with --ray, as a user runs it (it joins the runtime this module started, or starts one).
+    import subprocess
+    import sys
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps(LINES[0]) + "\n\n" + json.dumps(LINES[2]) + "\n")  # cat on line 3: seed 3
+    r = subprocess.run([sys.executable, "-m", "bonsai.cli", "batch", str(path), "--model", str(repo), "--backend",
+                        "torch", "--dtype", "float32", "--out", str(tmp_path / "out"), "--ray", "--workers", "1",
+                        "--batch-size", "2", "-q"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 done, 0 failed" in r.stderr
+    assert _files(tmp_path / "out") == ["cat.png", "job-0001.png", "results.jsonl"]
+    assert _same_pixels(tmp_path / "out" / "cat.png", single / "cat.png")

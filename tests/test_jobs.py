@@ -35,6 +35,10 @@ def _pixels(path):
     return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
 
 
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
 def _no_load():
     raise AssertionError("the model was loaded")
 
@@ -74,6 +78,12 @@ BAD_LINES = [
     ('{"prompt": "x", "out": "x.jpg"}', "out"),
     ('{"prompt": "x", "out": 5}', "out"),
     ('{"prompt": "x", "out": ""}', "out"),
+    ('{"prompt": "x", "out": "."}', "out"),
+    ('{"prompt": "x", "out": "./"}', "out"),
+    ('{"prompt": "x", "out": "a\\nb.png"}', "out"),
+    ('{"prompt": "x", "out": "\\ud800.png"}', "out"),
+    ('{"prompt": "x", "out": "' + "n" * 300 + '"}', "out"),
+    ('{"prompt": "x", "style": ["comic"]}', "style"),
 ]
 
 
@@ -207,6 +217,25 @@ def test_output_written_by_this_run_is_not_rendered_again(tmp_path):
     assert rows[0]["status"] == "skipped" and len(calls) == 1
 
 
+def test_a_file_that_cannot_be_written_fails_alone(tmp_path, pipe, monkeypatch):
+    from bonsai import pipeline
+
+    save = pipeline.save_png
+
+    def save_png(image, path):  # a read-only subfolder (chmod does not stop root, who runs CI here)
+        if "locked" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        save(image, path)
+
+    monkeypatch.setattr(pipeline, "save_png", save_png)
+    out = tmp_path / "out"
+    path = _write(tmp_path / "jobs.jsonl", [{**MIXED[0], "out": "locked/a"}, {**MIXED[0], "seed": 5}])
+    rows = jobs.run(path, out, jobs.in_process(lambda: pipe), batch_size=2, progress=False)
+    assert [r["status"] for r in rows] == ["failed", "done"]
+    assert rows[0]["error"].startswith("cannot write locked/a.png: PermissionError") and rows[1]["batch"] == 2
+    assert _files(out) == ["job-0002.png", "locked", "results.jsonl"]
+
+
 def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     from bonsai import pipeline
 
@@ -249,3 +278,17 @@ def test_importing_jobs_imports_neither_torch_nor_ray():
     code = "import sys, bonsai, bonsai.jobs, bonsai.distributed; print(sorted({'torch', 'ray'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_model_that_does_not_load_still_leaves_a_row_per_line(tmp_path):
+    path = _write(tmp_path / "jobs.jsonl", [GOOD, "[]"])
+
+    def load():
+        raise bonsai.BonsaiFileNotFoundError("model folder /nope not found")
+
+    with pytest.raises(bonsai.BonsaiFileNotFoundError):
+        jobs.run(path, tmp_path / "out", jobs.in_process(load), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["status"]) for r in rows] == [(1, "failed"), (2, "failed")]
+    assert rows[0]["error"] == "not rendered: BonsaiFileNotFoundError: model folder /nope not found"
+    assert os.listdir(tmp_path / "out") == ["results.jsonl"]  # the run's marker is gone too
