@@ -61,16 +61,6 @@ def _load(args, backend):
     return pipe
 
 
-def _job_kwargs(job: dict) -> dict:
-    kwargs = {k: job[k] for k in ("prompt", "seed", "steps", "style", "aspect", "long_edge", "width", "height")
-              if job.get(k) is not None}
-    if job.get("size"):
-        from .sizes import parse_size
-
-        kwargs["width"], kwargs["height"] = parse_size(job["size"])
-    return kwargs
-
-
 def _generate_request(args):
     from . import params
     from .sizes import parse_size
@@ -121,31 +111,32 @@ def cmd_generate(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    pipe = _load(args, _backend(args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    lines = Path(args.jobs).read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            job = json.loads(line)
-            if not isinstance(job, dict):
-                raise ValueError("each line must be a JSON object")
-            unknown = set(job) - {"prompt", "seed", "steps", "style", "aspect", "long_edge", "width", "height",
-                                  "size", "out"}
-            if unknown:
-                raise ValueError(f"unknown keys {sorted(unknown)}")
-            result = pipe(**_job_kwargs(job), progress=False)
-            target = out / (job.get("out") or f"job-{n:04d}.png")
-            result.save(target)
-            print(f"line {n}: {target} ({result.report.total_s:.2f} s)")
-        except Exception as e:  # noqa: BLE001 - one bad job must not stop the batch; it is reported
-            failed += 1
-            print(f"line {n}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
-    print(f"{len([l for l in lines if l.strip()]) - failed} done, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+    from . import jobs
+    from .errors import BonsaiValueError
+
+    def report(row):
+        if row["status"] == "failed":
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"line {row['line']}: FAILED: {row['error']}", file=sys.stderr)
+
+    common = dict(batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet, on_row=report)
+    if args.ray is None:
+        if args.workers is not None or args.gpus_per_worker is not None:
+            raise BonsaiValueError("--workers and --gpus-per-worker need --ray")
+        rows = jobs.run(args.jobs, args.out, jobs.in_process(lambda: _load(args, _backend(args))), **common)
+    else:
+        from .distributed import render_jobs
+
+        # The backend is resolved on each worker (the driver may have no GPU); the default model follows the
+        # backend named here.
+        model = args.model or DEFAULT_MODELS["mlx" if args.backend == "mlx" else "other"]
+        rows = render_jobs(args.jobs, model, args.out, address=args.ray, workers=args.workers,
+                           gpus_per_worker=args.gpus_per_worker, backend=args.backend, device=args.device,
+                           dtype=args.dtype, local_files_only=args.offline,
+                           loras=[parse_lora(v) for v in args.lora], **common)
+    print(jobs.summary(rows), file=sys.stderr)
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
 
 
 def cmd_info(args) -> int:
@@ -191,10 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("batch", help="render every job of a JSONL file with one model load")
-    b.add_argument("jobs", help="JSONL: one object per line with prompt and optional size/aspect/long_edge/seed/style/steps/out")
+    b = sub.add_parser("batch", help="render every job of a JSONL file with one model load (per worker)")
+    b.add_argument("jobs", help="JSONL: one object per line with prompt and optional size/width/height/aspect/"
+                                "long_edge/seed/style/steps/out (a job without seed uses its line number)")
     _add_model_args(b)
-    b.add_argument("--out", default="bonsai-batch", help="output folder")
+    b.add_argument("--out", default="bonsai-batch", help="output folder (also gets results.jsonl)")
+    b.add_argument("--batch-size", type=int, default=1, help="same-size jobs rendered together (default 1)")
+    b.add_argument("--overwrite", action="store_true", help="render jobs whose output exists (default: skip them)")
+    b.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="render on Ray workers: 'auto' (a running cluster, else a local runtime) or an address")
+    b.add_argument("--workers", type=int, help="Ray workers (default: one per GPU; one on a CPU machine)")
+    b.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray worker (default 1; 0 without GPUs)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_batch)
 
     i = sub.add_parser("info", help="describe a repo folder: variant, layout, sizes")

@@ -71,7 +71,7 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 def check_style(style: str | None) -> str | None:
-    if style is not None and style not in STYLES:
+    if style is not None and (not isinstance(style, str) or style not in STYLES):
         raise BonsaiValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     return style
 
