@@ -24,10 +24,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bonsai import latents as L  # noqa: E402
+from bonsai import sampling  # noqa: E402
+from bonsai.backends.torch.runtime import LazyModel  # noqa: E402
 from bonsai.backends.mlx.runtime import MLXRuntime, dtype_name  # noqa: E402
 from bonsai.backends.mlx.transformer import Flux2Transformer, linear_shapes, load_transformer  # noqa: E402
 from bonsai.backends.mlx.vae import load_vae_decoder  # noqa: E402
-from bonsai.config import TransformerConfig, VAEConfig  # noqa: E402
+from bonsai.config import TextEncoderConfig, TransformerConfig, VAEConfig  # noqa: E402
 
 # CPU-sized stand-in: klein's head size and block structure, a third of its width, fewer blocks.
 SMALL = TransformerConfig(num_layers=2, num_single_layers=4, num_attention_heads=8)
@@ -84,7 +86,8 @@ def build_runtime(args, kind: str) -> MLXRuntime:
     bits = 1 if kind == "binary" else 2
     transformer = load_transformer(tensors, config, bits, dtype=dtype, dense=kind == "dense")
     vae = synthetic_vae(SMALL_VAE if args.small else VAEConfig(), dtype)
-    return MLXRuntime(Path("."), transformer, kind, vae, dtype, (9, 18, 27), False, None)
+    unused = LazyModel(lambda: None, keep=False)  # rows time the transformer and the decoder only
+    return MLXRuntime(transformer, kind, vae, unused, TextEncoderConfig(), dtype, None, unused)
 
 
 def weight_bytes(rt: MLXRuntime) -> int:
@@ -98,14 +101,22 @@ def bench_size(rt: MLXRuntime, size: int, steps: int, repeat: int) -> dict:
     joint = rt.transformer.config.joint_attention_dim
     features = mx.random.normal((1, TEXT_TOKENS, joint)).astype(rt.mx_dtype)
     img_ids, txt_ids = L.img_ids(h, w), L.txt_ids(TEXT_TOKENS)
-    sigmas = list(np.linspace(1.0, 0.25, steps)) + [0.0]
+    sigmas = [float(s) for s in np.linspace(1.0, 0.25, steps)] + [0.0]
     noise = L.pack(L.noise(0, size, size))
-    rt.denoise(noise, features, sigmas[-2:], img_ids, txt_ids)  # warm-up: one step
+    cond = rt.condition([features], img_ids, txt_ids)
+
+    def denoise(sigmas):
+        x = rt.latents(noise)
+        for _, x in sampling.sample(lambda x, t: rt.velocity(x, t, cond), x, sigmas, rt.dtype):
+            pass
+        return x
+
+    denoise(sigmas[-2:])  # warm-up: one step
     best = None
     for _ in range(repeat):
         rt.reset_peak_memory()
         t0 = time.perf_counter()
-        x = rt.denoise(noise, features, sigmas, img_ids, txt_ids)
+        x = denoise(sigmas)
         t1 = time.perf_counter()
         rt.decode(x, size, size)
         t2 = time.perf_counter()

@@ -19,7 +19,7 @@ import time
 import torch
 
 import bonsai
-from bonsai import latents, testing
+from bonsai import latents, sampling, testing
 from bonsai.backends.torch.transformer import load_transformer
 from bonsai.config import KLEIN_4B
 
@@ -34,11 +34,14 @@ def sync(device: torch.device):
 
 @torch.inference_mode()
 def denoise(model, x, features, sigmas, img_ids, txt_ids):
-    """Euler flow matching, as the torch runtime does it (fp32 update, cast back)."""
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        t = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
-        v = model(x, features, t, img_ids, txt_ids)
-        x = (x.float() + (s_next - s) * v.float()).to(x.dtype)
+    """The shared sampler over the transformer, as the torch runtime runs it."""
+    rope = model.rope(img_ids, txt_ids, x.device)
+
+    def velocity(x, t):
+        return model(x, features, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype), rope=rope)
+
+    for _, x in sampling.sample(velocity, x, sigmas, x.dtype):
+        pass
     return x
 
 
