@@ -91,16 +91,22 @@ def rope_tables(ids, axes_dims, theta: float):
     return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
+def bn_stats(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float):
+    """The VAE BatchNorm's per-channel (mean, std) [1, C, 1, 1] in x's dtype, for patchified latents [B, C, h, w].
+
+    sqrt in the statistics' own dtype, then cast, as the reference pipeline does.
+    """
+    if x.ndim != 4 or x.shape[1] != running_mean.numel() or running_var.numel() != running_mean.numel():
+        raise BonsaiValueError(f"VAE latents {tuple(x.shape)} must be [B, C, h, w] with C = {running_mean.numel()} "
+                               f"(running_mean) = {running_var.numel()} (running_var)")
+    mean = running_mean.reshape(1, -1, 1, 1).to(x.device, x.dtype)
+    std = torch.sqrt(running_var.reshape(1, -1, 1, 1) + eps).to(x.device, x.dtype)
+    return mean, std
+
+
 def bn_denormalize(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
     """Undo the VAE BatchNorm on patchified latents [B, 128, h, w]: x * sqrt(var + eps) + mean, per channel."""
-    if x.ndim != 4 or x.shape[1] != running_mean.numel() or running_var.numel() != running_mean.numel():
-        raise ValueError(
-            f"bn_denormalize: x {tuple(x.shape)} needs [B, C, h, w] with C = {running_mean.numel()} "
-            f"(running_mean) = {running_var.numel()} (running_var)"
-        )
-    mean = running_mean.reshape(1, -1, 1, 1).to(x.device, x.dtype)
-    # sqrt in the statistics' own dtype, then cast, as the reference pipeline does.
-    std = torch.sqrt(running_var.reshape(1, -1, 1, 1) + eps).to(x.device, x.dtype)
+    mean, std = bn_stats(x, running_mean, running_var, eps)
     return x * std + mean
 
 
@@ -136,13 +142,7 @@ def posterior_mode(moments: torch.Tensor) -> torch.Tensor:
 
 def bn_normalize(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
     """The VAE BatchNorm on patchified latents [B, 128, h, w]: (x - mean) / sqrt(var + eps), per channel."""
-    if x.ndim != 4 or x.shape[1] != running_mean.numel() or running_var.numel() != running_mean.numel():
-        raise BonsaiValueError(
-            f"bn_normalize: x {tuple(x.shape)} needs [B, C, h, w] with C = {running_mean.numel()} "
-            f"(running_mean) = {running_var.numel()} (running_var)"
-        )
-    mean = running_mean.reshape(1, -1, 1, 1).to(x.device, x.dtype)
-    std = torch.sqrt(running_var.reshape(1, -1, 1, 1) + eps).to(x.device, x.dtype)
+    mean, std = bn_stats(x, running_mean, running_var, eps)
     return (x - mean) / std
 
 
