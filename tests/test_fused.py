@@ -31,13 +31,29 @@ SCRIPT = textwrap.dedent(
         err = ((got.double() - want).norm() / want.norm()).item()
         assert got.dtype == x.dtype and got.shape == x.shape, (got.dtype, got.shape)
         assert err <= 1e-6, (b, n, d, err)
+
+    from bonsai.backends.cuda.fused import attention, rope
+    from bonsai.backends.torch.transformer import apply_rope, attention as reference_attention
+    from bonsai.latents import rope_tables
+    for b, n, h, d in [(1, 6, 3, 16), (2, 5, 4, 32)]:
+        ids = torch.randint(0, 50, (n, 4), generator=g)
+        cos, sin = rope_tables(ids, (d // 4,) * 4, 2000.0)
+        freqs = torch.complex(cos[:, ::2], sin[:, ::2])
+        base = torch.randn(b, n, 2 * h, d, generator=g)
+        x = base[:, :, ::2]  # strided over heads, as the single blocks' q/k views are
+        want = apply_rope(x.transpose(1, 2).double(), freqs.to(torch.complex128)).transpose(1, 2)
+        got = rope(x, freqs)
+        assert got.is_contiguous() and ((got.double() - want).norm() / want.norm()).item() <= 1e-6
+        q, k, v = (torch.randn(b, n, h, d, generator=g) for _ in range(3))
+        a, r = attention(q, k, v, freqs), reference_attention(q, k, v, freqs)
+        assert ((a - r).norm() / r.norm()).item() <= 1e-5
     print("ok")
     """
 )
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_fused_modulate_in_interpreter():
+def test_fused_modulate_and_rope_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -39,16 +39,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
 
 
-@dataclass(frozen=True)
-class Ops:
-    """The elementwise steps a backend may run as fused kernels of the same math (backends/cuda/fused.py)."""
-
-    modulate: Callable = modulate
-
-
-TORCH_OPS = Ops()
-
-
 def split_mod(mod: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     """[B, n*D] -> n chunks [B, 1, D]."""
     return mod.unsqueeze(1).chunk(n, dim=-1)
@@ -69,6 +59,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Te
     q, k = apply_rope(q, freqs), apply_rope(k, freqs)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).flatten(2)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The elementwise steps a backend may run as fused kernels of the same math (backends/cuda/fused.py)."""
+
+    modulate: Callable = modulate
+    attention: Callable = attention
+
+
+TORCH_OPS = Ops()
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +136,9 @@ class FeedForward(nn.Module):
 class JointAttention(nn.Module):
     """Attention over [text; image] with separate projections per stream (the double-stream block's attention)."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float, ops: Ops = TORCH_OPS):
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim, self.ops = heads, head_dim, ops
         inner = heads * head_dim
         self.to_q, self.to_k, self.to_v = _linear(dim, inner), _linear(dim, inner), _linear(dim, inner)
         self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
@@ -152,7 +153,7 @@ class JointAttention(nn.Module):
         q = torch.cat([self.norm_added_q(heads(self.add_q_proj(c))), self.norm_q(heads(self.to_q(x)))], dim=1)
         k = torch.cat([self.norm_added_k(heads(self.add_k_proj(c))), self.norm_k(heads(self.to_k(x)))], dim=1)
         v = torch.cat([heads(self.add_v_proj(c)), heads(self.to_v(x))], dim=1)
-        out = attention(q, k, v, rope)
+        out = self.ops.attention(q, k, v, rope)
         out_c, out_x = out.split([c.shape[1], x.shape[1]], dim=1)
         return self.to_out[0](out_x), self.to_add_out(out_c)
 
@@ -163,7 +164,7 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig, ops: Ops = TORCH_OPS):
         super().__init__()
         self.eps, self.ops = cfg.eps, ops
-        self.attn = JointAttention(cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.eps)
+        self.attn = JointAttention(cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.eps, ops)
         self.ff = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
         self.ff_context = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
 
@@ -183,9 +184,9 @@ class DoubleStreamBlock(nn.Module):
 class ParallelSelfAttention(nn.Module):
     """ViT-22B style: one input projection for q, k, v and the MLP, one output projection for both."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int, eps: float):
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_hidden: int, eps: float, ops: Ops = TORCH_OPS):
         super().__init__()
-        self.head_dim, self.inner = head_dim, heads * head_dim
+        self.head_dim, self.inner, self.ops = head_dim, heads * head_dim, ops
         self.to_qkv_mlp_proj = _linear(dim, 3 * self.inner + 2 * mlp_hidden)
         self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
         self.to_out = _linear(self.inner + mlp_hidden, dim)
@@ -194,7 +195,7 @@ class ParallelSelfAttention(nn.Module):
         proj = self.to_qkv_mlp_proj(h)
         qkv, mlp = proj.split([3 * self.inner, proj.shape[-1] - 3 * self.inner], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in qkv.chunk(3, dim=-1))  # [B, N, H, d]
-        out = attention(self.norm_q(q), self.norm_k(k), v, rope)
+        out = self.ops.attention(self.norm_q(q), self.norm_k(k), v, rope)
         return self.to_out(torch.cat([out, swiglu(mlp)], dim=-1))
 
 
@@ -203,7 +204,7 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.eps, self.ops = cfg.eps, ops
         self.attn = ParallelSelfAttention(
-            cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_hidden_dim, cfg.eps
+            cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.mlp_hidden_dim, cfg.eps, ops
         )
 
     def forward(self, h, mod, rope):
