@@ -224,6 +224,7 @@ class Pipeline:
                 refs = (torch.cat(tokens, dim=1), latents.reference_ids(sizes))
             if inputs.init is not None:
                 x0 = rt.encode_image(inputs.init).to(rt.dtype)
+            rt.synchronize()
             report.encode_s = time.perf_counter() - t_start
 
             # 2. What every image of this size shares: schedule and position ids.
@@ -250,6 +251,7 @@ class Pipeline:
                         if callback is not None:
                             callback(step, x)
                         _check_cancel(cancel)
+                    rt.synchronize()
                     t1 = time.perf_counter()
                     pixels = rt.decode(x, req.height, req.width)
                     report.denoise_s += t1 - t0

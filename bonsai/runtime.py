@@ -39,6 +39,9 @@ class Runtime(Protocol):
     def decode(self, latents, height: int, width: int) -> np.ndarray:
         """Packed latents [B, N_img, 128] -> uint8 images [B, height, width, 3] (numpy)."""
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (stage times in `Report` are wall times)."""
+
     def reset_peak_memory(self) -> None:
         """Start measuring the peak memory of one render."""
 

@@ -91,11 +91,6 @@ def test_fast_path_flux_shapes(weights, kind, in_f, out_f):
             assert y.shape == (1, m, out_f) and rel(y.view(m, out_f), ref) < 3e-3, (dtype, m)
             picked = choices.get(layer.gemm_key(m, dtype))
             assert picked in cl.candidates("auto", False, m)
-            # The op torch.compile calls runs the same GEMM on the same scratch.
-            poison(m * out_f, dtype)
-            y = cl.lowbit_linear(x, layer.packed, layer.scales, ws.buffer(dtype, in_f * out_f), layer.bits, 128,
-                                 in_f, picked)
-            assert torch.isfinite(y).all() and rel(y, ref) < 3e-3, (picked, dtype, m)
     assert len(choices) == 2 * len(MS) and choices.unsaved  # one measured choice per (dtype, M)
 
 

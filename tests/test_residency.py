@@ -28,15 +28,20 @@ def test_keep_resident_against_a_fake_budget():
 
 def test_lazy_model_keeps_drops_and_restores_from_host():
     events = []
+    def offload(model, host):
+        events.append("offload" if host is None else "reuse")
+        return host or f"host:{model}"
+
     lm = LazyModel(lambda: events.append("disk") or "model", keep=True, free=lambda: events.append("free"),
-                   offload=lambda m: events.append("offload") or f"host:{m}",
-                   restore=lambda h: events.append("restore") or h.removeprefix("host:"))
+                   offload=offload, restore=lambda h: events.append("restore") or h.removeprefix("host:"))
     assert lm.get() == "model" and lm.resident
     lm.done()  # kept
     assert lm.resident and events == ["disk"]
     lm.release()
     assert not lm.resident and events == ["disk", "offload", "free"]
     assert lm.get() == "model" and events[-1] == "restore"  # no second disk read
+    lm.release()
+    assert events[-2:] == ["reuse", "free"]  # the host copy is made once
     dropping = LazyModel(lambda: events.append("disk2") or "m2", keep=False)
     dropping.get()
     dropping.done()

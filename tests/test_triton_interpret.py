@@ -108,8 +108,8 @@ GEMM_SCRIPT = textwrap.dedent(
 )
 
 
-# The layers as the runtime builds them (one Workspace and one GemmChoices shared by all), eager and under
-# torch.compile; expected outputs are matmuls of weights built here. On the CPU nothing is measured: a layer runs
+# The layers as the runtime builds them (one Workspace and one GemmChoices shared by all); expected outputs are
+# matmuls of weights built here. On the CPU nothing is measured: a layer runs
 # the recorded choice or its default ("cublas": expand into the workspace, then F.linear).
 LAYER_SCRIPT = textwrap.dedent(
     """
@@ -156,43 +156,6 @@ LAYER_SCRIPT = textwrap.dedent(
     assert rel(y4, x1 @ dense4.view(24, 256).T) < 1e-6
     checked += 1
 
-    # torch.compile: the choice is made in Python while tracing and passed to the op as its name.
-    graphs = []
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    class Wrap(nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.layer = layer
-        def forward(self, x):
-            return self.layer(x) * 2
-
-    def impls(gm):
-        return [n.args[7] for n in gm.graph.nodes if "bonsai.lowbit_linear" in str(n.target)]
-
-    m = 2 * 19
-    if FUSED:  # a recorded choice is what the trace bakes in
-        table.add(GemmChoice(FastLowBitLinear(w1, device="cpu", workspace=ws, choices=table).gemm_key(m, torch.float32),
-                             candidates("auto", False, m)[-1]))
-    want = candidates("auto", False, m)[-1] if FUSED else "cublas"
-    ws.release()
-    a, b = (Wrap(FastLowBitLinear(w, device="cpu", workspace=ws, choices=table)) for w in (w1, weight(40, 256, "ternary", 3)[0]))
-    ref_b = x1 @ weight(40, 256, "ternary", 3)[1].T * 2
-    for mod in (a, b):
-        mod.compile(backend=backend, dynamic=False)
-    assert rel(a(x1), x1 @ d1.T * 2) < 1e-6 and rel(b(x1), ref_b) < 1e-6
-    assert len(graphs) == 1, len(graphs)  # layers of one shape share the compiled graph (no per-layer guard)
-    assert impls(graphs[0]) == [want], impls(graphs[0])
-    ws.release()  # compiled code read the released buffer from the workspace: it must retrace, not use a stale one
-    assert rel(a(x1), x1 @ d1.T * 2) < 1e-6 and ws.buffers()
-    checked += 1
-    # aot_eager functionalizes the op's write to the scratch; the result must not change.
-    c = Wrap(FastLowBitLinear(w2, device="cpu", workspace=ws, choices=table))
-    c.compile(backend="aot_eager", dynamic=False)
-    assert rel(c(x2), x2 @ d2.T * 2) < 1e-6
-    checked += 1
     print("OK", checked)
     """
 )
@@ -219,12 +182,12 @@ def test_fused_and_fp8_gemm_in_interpreter():
     assert run_interpreted(GEMM_SCRIPT).startswith("OK 16")
 
 
-def test_fast_layers_eager_and_compiled_in_interpreter():
-    assert run_interpreted(LAYER_SCRIPT, "expand").startswith("OK 5")
+def test_fast_layers_in_interpreter():
+    assert run_interpreted(LAYER_SCRIPT, "expand").startswith("OK 3")
 
 
 @pytest.mark.skipif(tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3),
                     reason="Triton 3.6's interpreter cannot run loops over runtime scalars with numpy >= 2.3 "
                            "(CI pins numpy<2.3)")
 def test_fast_layers_fused_choice_in_interpreter():
-    assert run_interpreted(LAYER_SCRIPT, "fused").startswith("OK 6")
+    assert run_interpreted(LAYER_SCRIPT, "fused").startswith("OK 4")

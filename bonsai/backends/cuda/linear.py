@@ -21,7 +21,7 @@ from .kernels import GEMM_CONFIGS, expand_lowbit, lowbit_gemm, quantize_fp8
 class Workspace:
     """The expand scratch of one device: one flat buffer per dtype, shared by every layer built against it and
     grown to the largest layer that ran. `numel` is the largest layer built against it (`require`, called by
-    each layer's constructor), the size a torch.compile trace allocates up front.
+    each layer's constructor).
 
     Layers run one after another on one stream, so a single buffer per dtype is never read and written at the
     same time; layers run concurrently (another stream, another thread) need a workspace each.
@@ -113,60 +113,6 @@ def _lookup(choices: GemmChoices, key: GemmKey, names: list[str], device: torch.
     return None
 
 
-def _choose_in_trace(choices: GemmChoices, workspace: Workspace, linear: str, fp8: bool, bits: int,
-                     group_size: int, n: int, k: int, m: int, dtype: torch.dtype, device: torch.device) -> str:
-    # The GEMM of a torch.compile trace. Dynamo calls this eagerly while tracing and bakes the returned name into
-    # the graph (the mark below), so compiled code never looks at the table. The trace holds no real tensors, so
-    # a measurement runs on random codes and input of the layer's shapes (the kernels' time does not depend on
-    # the values); the arguments are shapes, not the layer, so blocks of one class keep sharing one graph. It
-    # also allocates the scratch for the workspace's largest layer, so the traced code only reads it (a buffer
-    # replaced in the middle of a trace would not be seen by it). Dynamic shapes (a symbolic M) cannot be baked:
-    # compile with dynamic=False, or each linear becomes a graph break.
-    names = candidates(linear, fp8, m)
-    key = gemm_key(linear, fp8, bits, n, k, m, dtype)
-    sdt = scratch_dtype(linear, fp8, dtype)
-    scratch = workspace.buffer(sdt, max(workspace.numel, n * k)) if sdt is not None else None
-    impl = _lookup(choices, key, names, device)
-    if impl is not None:
-        return impl
-    with torch.no_grad():
-        packed = torch.randint(0, 256, (n, k * bits // 8), device=device, dtype=torch.uint8)
-        scales = torch.rand(n, k // group_size, device=device) / k ** 0.5
-        x = torch.randn(m, k, device=device, dtype=dtype)
-        x8 = quantize_fp8(x, group_size) if fp8 else None
-        return choices.measure(key, {name: functools.partial(_run, name, x, packed, scales, bits, group_size, k,
-                                                             scratch, x8) for name in names})
-
-
-# What torch.compiler.assume_constant_result sets, set directly: the public decorator imports torch._dynamo
-# (~0.8 s), a cost a runtime that never compiles should not pay at import.
-_choose_in_trace._dynamo_marked_constant = True
-
-
-@functools.cache
-def _lowbit_linear_op():
-    # Registered on first use (no import-time work). The op reads no state of its own: the caller passes the
-    # scratch (declared as written, so torch.compile orders and reuses it correctly) and the GEMM's name.
-    @torch.library.custom_op("bonsai::lowbit_linear", mutates_args=("scratch",))
-    def op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, scratch: torch.Tensor, bits: int,
-           group_size: int, in_features: int, impl: str, fp8: bool) -> torch.Tensor:
-        x8 = quantize_fp8(x, group_size) if fp8 else None
-        return _run(impl, x, packed, scales, bits, group_size, in_features, scratch, x8)
-
-    @op.register_fake
-    def _(x, packed, scales, scratch, bits, group_size, in_features, impl, fp8):
-        return x.new_empty(x.shape[0], packed.shape[0])
-
-    return op
-
-
-def lowbit_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, scratch: torch.Tensor, bits: int,
-                  group_size: int, in_features: int, impl: str, fp8: bool = False) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] from packed codes with the GEMM `impl` (see `candidates`); the torch.library op
-    bonsai::lowbit_linear. scratch: flat, >= N * K elements of the dtype `impl` expands into (unused by fused)."""
-    return _lowbit_linear_op()(x, packed, scales, scratch, bits, group_size, in_features, impl, fp8)
-
-
 def _check_workspace(workspace, device, layer: str) -> None:
     if not isinstance(workspace, Workspace):
         raise BonsaiValueError(f"{layer}: workspace must be a Workspace, got {type(workspace).__name__}")
@@ -196,7 +142,6 @@ class FastLowBitLinear(LowBitLinear):
         self.linear, self.fp8 = linear, activations == "fp8"
         self.workspace, self.choices = workspace, choices
         workspace.require(self.out_features * self.in_features)
-        _lowbit_linear_op()  # torch.compile traces a call to torch.ops.bonsai.lowbit_linear: it must exist by then
 
     def gemm_key(self, m: int, dtype: torch.dtype) -> GemmKey:
         """The choice table's key of this layer at M tokens of `dtype` input."""
@@ -211,14 +156,6 @@ class FastLowBitLinear(LowBitLinear):
             x = x.contiguous()
         m = x.shape[0]
         sdt = scratch_dtype(self.linear, self.fp8, x.dtype)
-        if torch.compiler.is_compiling():
-            impl = _choose_in_trace(self.choices, self.workspace, self.linear, self.fp8, self.bits, self.group_size,
-                                    n, k, m, x.dtype, x.device)
-            scratch = self.workspace.buffer(sdt, n * k) if sdt is not None else x.new_empty(0)
-            y = torch.ops.bonsai.lowbit_linear(x, self.packed, self.scales, scratch, self.bits, self.group_size, k,
-                                               impl, self.fp8)
-            return y.view(*lead, n)
-        # Eager: skip the custom-op dispatch (a few us per call, 100 calls per step).
         x8 = quantize_fp8(x, self.group_size) if self.fp8 else None
         scratch = self.workspace.buffer(sdt, n * k) if sdt is not None else None
         run = functools.partial(_run, x=x, packed=self.packed, scales=self.scales, bits=self.bits,

@@ -3,6 +3,7 @@ transformer forward replayed from a CUDA graph captured once per input shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -19,7 +20,7 @@ from ..torch.runtime import (Cond, LazyModel, TorchRuntime, read_transformer, re
                              vae_encoder_loader)
 from ..torch.transformer import load_transformer
 from . import choice
-from ..torch.transformer import TORCH_OPS
+from ..torch.transformer import TORCH_OPS, Ops
 from .choice import GemmChoices
 from .fused import FUSED_OPS
 from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
@@ -38,16 +39,20 @@ def _lap(t0: float, phases: dict | None = None) -> float:
     return time.perf_counter() - t0 - sum((phases or {}).values())
 
 
-def _to_pinned_host(model):
-    """Move a model's tensors to pinned host memory (a later copy back runs at full PCIe speed, no disk read)."""
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        t.data = t.data.to("cpu").pin_memory()
-    return model
+def _to_pinned_host(model, host):
+    """Point a model's tensors at pinned host copies (made on the first call only; a later copy back runs at full
+    PCIe speed, with no disk read). -> (model, host copies)."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    copies = host[1] if host is not None else [t.data.to("cpu").pin_memory() for t in tensors]
+    for t, c in zip(tensors, copies):
+        t.data = c
+    return model, copies
 
 
-def _to_device(model, device):
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        t.data = t.data.to(device, non_blocking=True)
+def _to_device(host, device):
+    model, copies = host
+    for t, c in zip(itertools.chain(model.parameters(), model.buffers()), copies):
+        t.data = c.to(device, non_blocking=True)
     torch.cuda.synchronize(device)
     return model
 
@@ -93,7 +98,7 @@ class CudaRuntime(TorchRuntime):
     def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
              linear: str = "auto", activations: str | None = None, text_encoder: str = "4bit",
              keep_text_encoder: bool | str = "auto", memory: str = "auto", autotune_file: str | Path | None = None,
-             cuda_graphs: bool | None = None, compile: bool = False, fused: bool = True) -> "CudaRuntime":
+             cuda_graphs: bool | None = None, compile: bool = False, fused: bool = False) -> "CudaRuntime":
         """linear: "auto" (per shape, the faster of "expand" and "fused", measured once and cached), "expand"
         (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop), "gemlite", or "dense" (the
         codes expanded to bf16 at load: the dense baseline, 5x the weight memory).
@@ -109,8 +114,9 @@ class CudaRuntime(TorchRuntime):
         tuned configs are persisted per GPU model under the user cache (`autotune_file` overrides the path).
         Our per-shape GEMM choices are persisted next to them (`choice.cache_path()`).
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
-        ~1k small kernels per step); default on, off with memory="low". compile: torch.compile each transformer
-        block (fuses the elementwise work). fused: our Triton kernels for the elementwise steps (fused.py).
+        ~1k small kernels per step); default on, off with memory="low". compile: torch.compile the elementwise
+        steps (modulation, RoPE + attention; the linears stay eager). fused: our Triton kernels for those steps
+        (fused.py; measured slower than torch's on the H200, so off by default).
         """
         if not torch.cuda.is_available():
             raise RuntimeError("CudaRuntime needs a CUDA device; torch.cuda.is_available() is False")
@@ -140,6 +146,9 @@ class CudaRuntime(TorchRuntime):
         if not folder.is_dir():
             raise BonsaiFileNotFoundError(f"model folder {folder} does not exist")
         ops = FUSED_OPS if fused else TORCH_OPS
+        if compile:
+            ops = Ops(**{f.name: torch.compile(getattr(TORCH_OPS, f.name), dynamic=False)
+                         for f in dataclasses.fields(Ops)})
         phases, t0 = {}, time.perf_counter()
         tune = None
         if linear == "gemlite":
@@ -157,10 +166,6 @@ class CudaRuntime(TorchRuntime):
             transformer = _load_gemlite_transformer(folder, device, dtype, ops)
         else:
             transformer = read_transformer(folder, device, dtype, make_linear, ops)
-        if compile:
-            # Blocks of one class share their compiled code: parameters are graph inputs, not constants.
-            for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-                block.compile(dynamic=False)  # each GEMM choice is baked into the trace for a fixed M
         torch.cuda.synchronize(device)
         phases["transformer"] = _lap(t0, phases)
         vae = read_vae_decoder(folder, device, dtype)
@@ -170,7 +175,7 @@ class CudaRuntime(TorchRuntime):
         load_te = text_encoder_loader(folder, text_config, device, dtype,
                                       functools.partial(FastInt4Linear, workspace=workspace) if packed_te else None)
         te = LazyModel(load_te, keep=not low and keep_text_encoder is not False, free=torch.cuda.empty_cache,
-                       offload=_to_pinned_host, restore=lambda model: _to_device(model, device))
+                       offload=_to_pinned_host, restore=lambda host: _to_device(host, device))
         return cls(transformer, vae, te, text_config, device, dtype, vae_encoder_loader(folder, device, dtype),
                    linear=linear, activations=activations,
                    memory=memory, cuda_graphs=not low if cuda_graphs is None else bool(cuda_graphs),
@@ -179,7 +184,9 @@ class CudaRuntime(TorchRuntime):
 
     def set_adapters(self, adapters) -> None:
         super().set_adapters(adapters)
-        self._graphs.clear()  # they replay the modules they captured
+        # The graphs replay the modules they captured; their pool goes with them (a freed pool is not reusable).
+        self._graphs.clear()
+        self._graph_pool = None
 
     @torch.inference_mode()
     def condition(self, features, img_ids, txt_ids, refs=None):

@@ -168,6 +168,9 @@ class MLXRuntime:
             mx.eval(v)
         return v
 
+    def synchronize(self) -> None:
+        mx.synchronize()
+
     def decode(self, latents, height: int, width: int) -> np.ndarray:
         """Packed latents [B, N_img, C] (mx, torch or numpy) -> numpy uint8 [B, H, W, 3]."""
         with self._sampled("decode"):

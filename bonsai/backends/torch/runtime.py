@@ -31,10 +31,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class LazyModel:
     """A model loaded on first use. keep=True keeps it resident after each use; keep=False drops it after each use;
     `release()` drops it on demand (e.g. when a render needs the memory). With `offload`, a released model is kept
-    in host memory and comes back without a disk read."""
+    in host memory and comes back without a disk read: offload(model, previous host copy or None) -> host copy
+    (made once: the weights never change), restore(host copy) -> the model on its device."""
 
     def __init__(self, load: Callable[[], object], keep: bool, free: Callable[[], None] = lambda: None,
-                 offload: Callable[[object], object] | None = None, restore: Callable[[object], object] | None = None):
+                 offload: Callable[[object, object], object] | None = None,
+                 restore: Callable[[object], object] | None = None):
         self._load, self._free, self.keep = load, free, keep
         self._offload, self._restore = offload, restore
         self._model = None
@@ -46,10 +48,7 @@ class LazyModel:
 
     def get(self):
         if self._model is None:
-            if self._host is not None:
-                self._model, self._host = self._restore(self._host), None
-            else:
-                self._model = self._load()
+            self._model = self._restore(self._host) if self._host is not None else self._load()
         return self._model
 
     def done(self) -> None:
@@ -62,7 +61,7 @@ class LazyModel:
             return
         model, self._model = self._model, None
         if self._offload is not None:
-            self._host = self._offload(model)
+            self._host = self._offload(model, self._host)
         del model
         gc.collect()
         self._free()
@@ -162,6 +161,10 @@ class TorchRuntime:
     def decode(self, latents: torch.Tensor, height: int, width: int):
         """Packed latents [B, N_img, C] -> numpy uint8 [B, H, W, 3]."""
         return self.vae.decode_latents(latents.to(self.device, self.dtype), height, width, tile=self.vae_tile)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # --- memory ---
 
