@@ -16,7 +16,9 @@ def load_tokenizer(path: str | Path):
     if not (path / "tokenizer_config.json").is_file():
         raise BonsaiFileNotFoundError(f"missing tokenizer files in {path} (tokenizer_config.json)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # local_files_only: a local folder needs no hub call; on a machine without network one can wait ~10 s
+        # for its timeout (measured on the H200 host: 10.9 s of an 12 s load).
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # tokenizers raises its own exception types for a corrupt tokenizer.json
         raise BonsaiValueError(f"{path}: tokenizer files cannot be read ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
