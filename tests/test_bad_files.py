@@ -174,6 +174,13 @@ def test_inf_in_low_bit_scales(repos, tmp_path, layout, key, index, backend):
     one_line_error(lambda: load(repo, backend), str(file), key, "NaN or inf", expected=BonsaiValueError)
 
 
+def test_nan_in_the_gemlite_state_the_cuda_path_loads_as_stored(repos, tmp_path):
+    repo = repo_copy(repos, "gemlite", tmp_path)  # weights.read_gemlite_state feeds gemlite without repacking
+    file = transformer_file(repo)
+    edit_tensors(file, _poison(f"{KEY}.zeros", (0, 3)))
+    one_line_error(lambda: weights.read_gemlite_state(repo), f"{file}: {KEY}.zeros holds NaN or inf (first at [0, 3])")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_vae_tensor(repos, tmp_path, backend):
     repo = repo_copy(repos, "mlx", tmp_path)
