@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import layouts
+from . import files, layouts
 from .config import TransformerConfig
 from .errors import BonsaiValueError
 from .layouts import config_json  # noqa: F401 (re-exported: bonsai.testing and older callers import it here)
@@ -40,4 +40,7 @@ def convert(src: str | Path, dst: str | Path, to: str) -> Path:
         elif (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     write_transformer(dst, tw.tensors, tw.config, to, tw.kind)
+    manifest = dst / layouts.MANIFEST_FILE
+    if manifest.is_file() and "files" in (kept := files.read_json(manifest)):  # list the new files, not the source's
+        files.write_manifest(dst, **{k: v for k, v in kept.items() if k != "files"})
     return dst

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+from . import files
 from .errors import BonsaiFileNotFoundError, BonsaiValueError
 from .layouts import LAYOUTS, TransformerLayout, get_layout
 
@@ -36,22 +37,31 @@ def layout_of_repo(repo_id: str) -> TransformerLayout:
 
 
 def resolve(repo_id_or_dir: str | os.PathLike, revision: str | None = None, cache_dir: str | None = None,
-            local_files_only: bool = False, layout: str | None = None) -> Path:
+            local_files_only: bool = False, layout: str | None = None, verify: bool | None = None) -> Path:
     """Return a local folder holding the repo.
 
     A path that exists is used as is. Anything else is treated as a Hugging Face repo id and fetched with
     `huggingface_hub.snapshot_download` (works offline from the HF cache with `local_files_only=True` or
     `HF_HUB_OFFLINE=1`): the common files plus the transformer and text encoder of one layout, `layout` or the
     one the repo name names (`layout_of_repo`).
+
+    verify: check the files that the repo's manifest.json lists against their size and sha256
+    (`bonsai.files.verify_manifest`; a file that matched once is not hashed again): None checks a download,
+    True a local folder too, False neither. A mismatch raises BonsaiValueError naming the file.
     """
     path = Path(repo_id_or_dir).expanduser()
     if path.exists():
         if not path.is_dir():
             raise BonsaiValueError(f"{path} is a file; pass the repo folder (the one holding vae/, tokenizer/, ...)")
+        if verify:
+            files.verify_manifest(path)
         return path
     repo_id = _repo_id(repo_id_or_dir)
     patterns = _COMMON + (get_layout(layout) if layout else layout_of_repo(repo_id)).hub_patterns()
-    return _download(repo_id, patterns, revision, cache_dir, local_files_only)
+    folder = _download(repo_id, patterns, revision, cache_dir, local_files_only)
+    if verify is not False:
+        files.verify_manifest(folder)
+    return folder
 
 
 def resolve_lora(repo_id: str, revision: str | None = None, cache_dir: str | None = None,

@@ -18,9 +18,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
-from .config import KLEIN_4B, TransformerConfig, read_json
+from .config import KLEIN_4B, TransformerConfig, field_value
 from .errors import BonsaiFileNotFoundError, BonsaiValueError
-from .state import check_state
+from .files import MANIFEST_FILE, one_line, read_json, shard_files
+from .state import check_finite, check_state
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 GROUP_SIZE = 128
 QUANT_FILE = "quantization_config.json"
-MANIFEST_FILE = "manifest.json"
 GEMLITE_AUTOTUNE_FILE = "gemlite_autotune.json"
 GEMLITE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape")  # one gemlite linear, as stored
 GEMLITE_FP32, GEMLITE_FP16 = 0, 1  # gemlite DType codes
@@ -166,6 +166,7 @@ def check_transformer_tensors(tensors: dict, config: TransformerConfig, source) 
             raise BonsaiValueError(f"{source}: {key} must be a dense tensor")
         if not tensors[key].is_floating_point():
             raise BonsaiValueError(f"{source}: {key} must be a float tensor, got {tensors[key].dtype}")
+    check_finite(source, {key: tensors[key] for key in dense})
 
 
 def config_json(config: TransformerConfig) -> dict:
@@ -189,12 +190,12 @@ def _read_released_quant(path: Path) -> tuple[Kind, dict]:
     """The released schema (gemlite and MLX): bits 1 or 2, group_size 128, solver agreeing with bits."""
     file = path / QUANT_FILE
     q = read_json(file)
-    bits = q.get("bits", q.get("nbits"))
-    group = q.get("group_size", q.get("groupSize", GROUP_SIZE))
+    bits = field_value(q, ("bits", "nbits"), int, file)
+    group = field_value(q, ("group_size", "groupSize"), int, file, GROUP_SIZE)
     kind = Kind.from_bits(bits, str(file))
     if group != GROUP_SIZE:
         raise BonsaiValueError(f"{file}: group_size must be {GROUP_SIZE}, got {group!r}")
-    solver = q.get("solver")
+    solver = field_value(q, "solver", str, file)
     if solver is not None and (solver == Kind.TERNARY) != (kind is Kind.TERNARY):
         raise BonsaiValueError(f"{file}: solver {solver!r} disagrees with bits {bits}")
     return kind, {**q, "bits": bits, "group_size": group}
@@ -210,7 +211,7 @@ def _read_gemlite_quant(path: Path) -> tuple[Kind, dict]:
     file = path / QUANT_FILE
     if path.name != GEMLITE.folder(kind):
         raise BonsaiValueError(f"{file}: bits {q['bits']} disagrees with the folder name {path.name}")
-    packing = q.get("packing_bitwidth", 8)
+    packing = field_value(q, "packing_bitwidth", int, file, 8)
     if packing not in (8, 32):
         raise BonsaiValueError(f"{file}: packing_bitwidth must be 8 or 32, got {packing!r}")
     return kind, {**q, "packing_bitwidth": packing}
@@ -225,10 +226,11 @@ def _write_gemlite_quant(kind: Kind, n_linears: int, n_dense: int) -> dict:
 def _read_compact_quant(path: Path) -> tuple[Kind, dict]:
     file = path / QUANT_FILE
     q = read_json(file)
-    if q.get("format") != _COMPACT_FORMAT or q.get("kind") not in tuple(Kind) or q.get("group_size") != GROUP_SIZE:
+    fmt, kind = field_value(q, "format", str, file), field_value(q, "kind", str, file)
+    if fmt != _COMPACT_FORMAT or kind not in tuple(Kind) or field_value(q, "group_size", int, file) != GROUP_SIZE:
         raise BonsaiValueError(f"{file}: expected format {_COMPACT_FORMAT!r}, kind ternary|binary and group_size "
                                f"{GROUP_SIZE}, got {q}")
-    return Kind(q["kind"]), q
+    return Kind(kind), q
 
 
 def _write_compact_quant(kind: Kind, n_linears: int, n_dense: int) -> dict:
@@ -364,6 +366,7 @@ def _read_unpacked(path: Path, config: TransformerConfig, device=None):
         if key.removesuffix(".weight") not in linears:
             tensors[key] = value
             continue
+        check_finite(file, {key: value}, require_float=True)
         # Ternary quantization reproduces binary weights exactly too; zeros alone tell the kinds apart.
         w = LowBitWeight.quantize(value.float(), Kind.TERNARY, GROUP_SIZE)
         if not torch.equal(w.dequantize(value.dtype), value):
@@ -397,13 +400,25 @@ def unpacked_kind(path: Path, config: TransformerConfig) -> Kind | str:
 
     if stated := _manifest_kind(path):
         return stated
-    key = f"{next(iter(lowbit_linears(config)))}.weight"
+    linears = list(lowbit_linears(config))
+    if not linears:
+        return "dense"
+    key = f"{linears[0]}.weight"
     file = path / UNPACKED.weight_file
     index = file.with_name(file.name + ".index.json")
     if not file.is_file() and index.is_file():
-        file = path / read_json(index)["weight_map"][key]
-    with safe_open(file, "pt") as f:
-        w = f.get_tensor(key)
+        shard_files(file)  # checks the weight_map
+        name = read_json(index)["weight_map"].get(key)
+        if name is None:
+            raise BonsaiValueError(f"{index}: weight_map names no file for {key}")
+        file = path / name
+    if not file.is_file():
+        raise BonsaiFileNotFoundError(f"missing file {file}")
+    try:
+        with safe_open(file, "pt") as f:
+            w = f.get_tensor(key)
+    except Exception as e:  # SafetensorError, OSError, or a missing key: one line naming the file
+        raise BonsaiValueError(f"{file}: cannot read {key} ({one_line(e)})") from None
     q = LowBitWeight.quantize(w.float(), Kind.TERNARY, GROUP_SIZE)
     if not torch.equal(q.dequantize(w.dtype), w):
         return "dense"

@@ -122,7 +122,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: str | Path, backend: str = "auto", device=None, dtype=None,
                         revision: str | None = None, local_files_only: bool = False,
-                        feature_cache: int = FEATURE_CACHE, **options) -> "Pipeline":
+                        feature_cache: int = FEATURE_CACHE, verify: bool | None = None, **options) -> "Pipeline":
         """Load a released repo (any layout) or a local folder.
 
         Args:
@@ -130,11 +130,13 @@ class Pipeline:
             backend: "auto", "torch", "cuda" or "mlx".
             device, dtype: torch device/dtype for the torch and cuda backends (dtype also names the MLX dtype).
             feature_cache: how many prompts' features to keep (a repeated prompt skips the text encoder).
+            verify: check the files against the sha256 sums of the repo's manifest.json: None (default) after a
+                download, True for a local folder too, False never (see `bonsai.hub.resolve`).
             options: passed to the backend's runtime loader.
         """
         t0 = time.perf_counter()
         chosen = resolve(backend)
-        folder = hub.resolve(repo_id_or_dir, revision=revision, local_files_only=local_files_only)
+        folder = hub.resolve(repo_id_or_dir, revision=revision, local_files_only=local_files_only, verify=verify)
         info = weights.describe(folder)
         text_config = weights.text_encoder_config(folder)
         t1 = time.perf_counter()

@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .errors import BonsaiFileNotFoundError, BonsaiValueError
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not (path / "tokenizer_config.json").is_file():
-        raise BonsaiFileNotFoundError(f"missing tokenizer files in {path} (tokenizer_config.json)")
-    try:
-        # local_files_only: a local folder needs no hub call; on a machine without network one can wait ~10 s
-        # for its timeout (measured on the H200 host: 10.9 s of an 12 s load).
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # tokenizers raises its own exception types for a corrupt tokenizer.json
-        raise BonsaiValueError(f"{path}: tokenizer files cannot be read ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+from .errors import BonsaiValueError
+from .files import load_tokenizer  # noqa: F401 (re-exported: the tokenizer is read through bonsai.files)
 
 
 def format_prompt(tokenizer, prompt: str) -> str:

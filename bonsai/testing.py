@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import layouts
+from . import files, layouts
 from .config import TransformerConfig, VAEConfig
 from .layouts import GROUP_SIZE, config_json
 from .quant import LowBitWeight
@@ -333,7 +333,8 @@ def write_repo(path: str | Path, layout: str = "gemlite", kind: str = "ternary",
                vae_config: VAEConfig = TINY_VAE, text_encoder_layers: int = TINY_TE_LAYERS) -> Path:
     """A complete repo in a released layout: transformer, the layout's text encoder (its first
     `TransformerLayout.text_encoders` entry: HQQ for gemlite and compact, MLX 4-bit for mlx, dense for unpacked),
-    VAE, tokenizer, scheduler, model_index.json and manifest.json.
+    VAE, tokenizer, scheduler, model_index.json and manifest.json (model_version and, as the packed releases list
+    them, {path, size, sha256} of every file).
 
     A text encoder of n < 27 layers reads the features after layers (n/4, n/2, 3n/4) as klein does for n = 36,
     stated in its config.json; one of 27 or more reads klein's (9, 18, 27)."""
@@ -358,7 +359,7 @@ def write_repo(path: str | Path, layout: str = "gemlite", kind: str = "ternary",
         "_class_name": "Flux2KleinPipeline", "is_distilled": True, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "Qwen3ForCausalLM"], "tokenizer": ["transformers", "Qwen2TokenizerFast"],
         "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"]}, indent=2))
-    (path / layouts.MANIFEST_FILE).write_text(json.dumps({"model_version": f"{kind} g128 (bf16 master)"}, indent=2))
+    files.write_manifest(path, model_version=f"{kind} g128 (bf16 master)")  # last: it hashes every other file
     return path
 
 
@@ -421,6 +422,7 @@ def write_full_size_repo(path: str | Path, layout: str, kind: str, seed: int = 0
     state = random_text_encoder_packed(config, te.name, seed + 1, device)
     {"hqq": write_hqq_text_encoder, "mlx": write_mlx_text_encoder, "dense": write_dense_text_encoder}[te.name](
         path, config, state)
+    files.write_manifest(path, model_version=f"{kind} g128 (bf16 master)")  # the replaced files' hashes
     return path
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 
 from . import layouts
-from .config import TextEncoderConfig, TransformerConfig, VAEConfig, read_json
-from .files import load_torch_file
+from .config import TextEncoderConfig, TransformerConfig, VAEConfig, mlx_quantization, read_text_encoder_json
+from .errors import BonsaiFileNotFoundError, BonsaiValueError
+from .files import load_torch_file, one_line
 from .files import read_safetensors as _read_safetensors
 from .layouts import GROUP_SIZE, Kind, dense_tensors, lowbit_linears, pack_sizes  # noqa: F401 (re-exported)
 from .quant.qwen4bit import hqq_to_dense, mlx4_to_dense
+from .state import check_finite
 
 # --- transformer ------------------------------------------------------------------------------------------------
 
@@ -57,8 +59,10 @@ def read_transformer(folder: str | Path, layout: str | None = None, device=None)
 def read_gemlite_state(folder: str | Path) -> tuple[TransformerConfig, dict, dict]:
     """The released gemlite transformer as stored: (config, quantization_config, raw state dict)."""
     found, path = layouts.find_transformer(folder, layouts.GEMLITE.name)
-    return (TransformerConfig.from_json(path / "config.json"), found.read_quant(path)[1],
-            load_torch_file(path / found.weight_file))
+    file = path / found.weight_file
+    state = load_torch_file(file)
+    check_finite(file, state)
+    return TransformerConfig.from_json(path / "config.json"), found.read_quant(path)[1], state
 
 
 # --- text encoder, VAE, tokenizer -------------------------------------------------------------------------------
@@ -78,58 +82,80 @@ def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torc
     packed: the HQQ pack's linears stay `Int4Weight` (the other formats are always dense), on `device`.
     """
     fmt, path = layouts.find_text_encoder(folder)
-    cfg = read_json(path / "config.json")
-    quant = cfg.pop("quantization", None) or cfg.pop("quantization_config", None)
+    cfg, quant = read_text_encoder_json(path / "config.json")
     cfg.pop("architectures", None)
-    n_total = int(cfg.get("num_hidden_layers", 0))
+    n_total = cfg["num_hidden_layers"]
     n = n_total if layers is None else int(layers)
     if not 0 < n <= n_total:
-        raise ValueError(f"{path}/config.json has {n_total} layers, cannot keep {n}")
-    keep = lambda key: not key.startswith("model.layers.") or int(key.split(".")[2]) < n  # noqa: E731
+        raise BonsaiValueError(f"{path}/config.json: num_hidden_layers={n_total}, cannot keep {n} layers")
+    keep = lambda key: _layer_index(key) < n  # noqa: E731
     file = path / fmt.weight_file
     if fmt is layouts.TE_HQQ:
-        state = hqq_to_dense(load_torch_file(file), dtype, keep, packed=packed,
-                             device=device if packed else None)
+        state = hqq_to_dense(with_model_prefix(load_torch_file(file)), dtype, keep, packed=packed,
+                             device=device if packed else None, source=file)
     elif fmt is layouts.TE_MLX:
-        if not quant or quant.get("bits") != 4:
-            raise ValueError(f"{path}/config.json: expected \"quantization\": {{\"bits\": 4, ...}}, got {quant}")
-        raw = _read_safetensors(file)
+        bits, group = mlx_quantization(quant, path / "config.json")
+        if bits != 4:
+            raise BonsaiValueError(f"{path}/config.json: expected \"quantization\": {{\"bits\": 4, ...}}, got {quant}")
+        raw = {k: v for k, v in with_model_prefix(_read_safetensors(file)).items() if keep(k)}
+        check_finite(file, raw)
         state = {}
         for key, value in raw.items():
             prefix, _, leaf = key.rpartition(".")
-            if not keep(key) or leaf in ("scales", "biases"):
+            if leaf in ("scales", "biases"):
                 continue
             if f"{prefix}.scales" in raw:
-                state[key] = mlx4_to_dense(value, raw[f"{prefix}.scales"], raw.get(f"{prefix}.biases"),
-                                           int(quant["group_size"]), f"{path}: {prefix}", dtype=dtype)
+                if f"{prefix}.biases" not in raw:
+                    raise BonsaiValueError(f"{file}: {prefix} has scales but no biases")
+                state[key] = mlx4_to_dense(value, raw[f"{prefix}.scales"], raw[f"{prefix}.biases"], group,
+                                           f"{file}: {prefix}", dtype=dtype)
             else:
                 state[key] = value.to(dtype)
     else:
-        state = {k: v.to(dtype) for k, v in _read_safetensors(file).items() if keep(k)}
+        raw = {k: v for k, v in with_model_prefix(_read_safetensors(file)).items() if keep(k)}
+        check_finite(file, raw)
+        state = {k: v.to(dtype) for k, v in raw.items()}
     state.pop("lm_head.weight", None)
     for key in ("model.embed_tokens.weight", "model.norm.weight", f"model.layers.{n - 1}.input_layernorm.weight"):
         if key not in state:
-            raise ValueError(f"{path}: text encoder misses {key}")
-    return qwen3_config(cfg, n), state
+            raise BonsaiValueError(f"{file}: text encoder misses {key}")
+    return qwen3_config(cfg, n, path / "config.json"), state
+
+
+def _layer_index(key: str) -> int:
+    """N of `model.layers.N.*`; -1 for any other key (kept, so that the strict check names a malformed one)."""
+    parts = key.split(".")
+    return int(parts[2]) if key.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit() else -1
+
+
+def with_model_prefix(state: dict) -> dict:
+    """Qwen3ForCausalLM keys (`model.layers.0...`, `lm_head`): a file saved from the bare Qwen3Model (hqq saves
+    `AutoModel` leaves when the architecture is not `*CausalLM`) lacks the `model.` prefix; add it."""
+    if any(k.startswith("model.") for k in state):
+        return state
+    return {k if k.startswith("lm_head") else f"model.{k}": v for k, v in state.items()}
 
 
 def text_encoder_config(folder: str | Path) -> TextEncoderConfig:
     """The feature layers and prompt length of a repo's text encoder (see TextEncoderConfig)."""
     _, path = find_text_encoder(folder)
-    cfg = read_json(path / "config.json")
+    cfg, _ = read_text_encoder_json(path / "config.json")
     return TextEncoderConfig.from_dict({"num_hidden_layers": cfg.get("num_hidden_layers"),
                                         **{k: cfg[k] for k in ("feature_layers", "max_length") if k in cfg}},
                                        str(path / "config.json"))
 
 
-def qwen3_config(cfg: dict, layers: int):
+def qwen3_config(cfg: dict, layers: int, source="text encoder config"):
     """A transformers Qwen3Config of the first `layers` decoder layers."""
     import transformers
 
     cfg = {**{k: v for k, v in cfg.items() if k not in ("feature_layers", "max_length")}, "num_hidden_layers": layers}
     if cfg.get("layer_types"):
         cfg["layer_types"] = cfg["layer_types"][:layers]
-    return transformers.Qwen3Config(**cfg)
+    try:
+        return transformers.Qwen3Config(**cfg)
+    except Exception as e:  # a key transformers checks and bonsai does not; its errors have many types
+        raise BonsaiValueError(f"{source}: not a Qwen3 config ({one_line(e)})") from None
 
 
 VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
@@ -138,7 +164,17 @@ VAE_FILE = "vae/diffusion_pytorch_model.safetensors"
 def read_vae(folder: str | Path) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
     """-> (config, full AutoencoderKLFlux2 state dict, encoder included) of the repo's vae/ folder."""
     config = VAEConfig.from_json(Path(folder) / "vae" / "config.json")
-    return config, _read_safetensors(Path(folder) / VAE_FILE)
+    state = _read_safetensors(Path(folder) / VAE_FILE)
+    check_vae_tensors(state, Path(folder) / VAE_FILE)
+    return config, state
+
+
+VAE_COUNTERS = ("bn.num_batches_tracked",)  # the only integer tensor of a diffusers VAE (never read)
+
+
+def check_vae_tensors(state: dict, source) -> None:
+    """Every VAE tensor (torch or mx) a finite float one, but the BatchNorm counter: no silent cast of int8."""
+    check_finite(source, state, require_float=True, exempt=VAE_COUNTERS)
 
 
 def tokenizer_dir(folder: str | Path) -> Path:
@@ -147,7 +183,7 @@ def tokenizer_dir(folder: str | Path) -> Path:
     for path in (folder / "tokenizer", *shipped):
         if (path / "tokenizer_config.json").is_file():
             return path
-    raise FileNotFoundError(f"{folder} holds no tokenizer (expected tokenizer/tokenizer_config.json)")
+    raise BonsaiFileNotFoundError(f"{folder} holds no tokenizer (expected tokenizer/tokenizer_config.json)")
 
 
 # --- describe ---------------------------------------------------------------------------------------------------

@@ -14,12 +14,29 @@ import torch
 
 from ..errors import BonsaiValueError
 from ..layouts import GEMLITE_MODE_FMA, GemliteMeta, Kind
+from ..state import nonfinite_at
 from .packing import has_code3, pack_bits, pack_trits, unpack_bits, unpack_trits
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise BonsaiValueError(f"{where}: {msg}")
+
+
+def _check_finite(t, where: str) -> None:
+    at = nonfinite_at(t)
+    if at is not None:
+        raise BonsaiValueError(f"{where}: holds NaN or inf (first at {list(at)})")
+
+
+def _check_groups(got, want, where: str, rule: str) -> None:
+    """got == want for every group ([out, in / group_size], torch or numpy), else name the first that differs."""
+    if torch.equal(got, want) if isinstance(got, torch.Tensor) else np.array_equal(got, want):
+        return
+    bad = got != want
+    row, group = (int(i) for i in (bad.nonzero()[0] if isinstance(bad, torch.Tensor) else np.argwhere(bad)[0]))
+    raise BonsaiValueError(f"{where}: {rule}; row {row}, group {group} breaks it: {float(got[row, group]):.6g}, "
+                           f"expected {float(want[row, group]):.6g}")
 
 
 def check_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int = 128,
@@ -38,14 +55,16 @@ def check_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray,
     for key, t in (("scales", scales), ("biases", biases)):
         _check(tuple(t.shape) == (out, k // group_size), f"{name}.{key}", f"shape {tuple(t.shape)}, expected "
                f"{(out, k // group_size)} for a {bits}-bit weight {tuple(weight.shape)}")
+    for key, t in (("scales", scales), ("biases", biases)):
+        _check(np.issubdtype(t.dtype, np.floating), f"{name}.{key}", f"must be a float array, got {t.dtype}")
+        _check_finite(t, f"{name}.{key}")
     s, b = scales.astype(np.float32), biases.astype(np.float32)  # exact: halving and negation in float32
     if kind == "ternary":
-        _check(np.array_equal(b, -s), f"{name}.biases", "ternary packs need biases == -scales (W = (q - 1) * s)")
+        _check_groups(b, -s, f"{name}.biases", "ternary packs need biases == -scales (W = (q - 1) * s)")
         codes = np.ascontiguousarray(weight).view(np.uint8)  # little-endian words -> bytes, LSB-first
         _check(not has_code3(codes), f"{name}.weight", "ternary code 3 is not a valid trit")
     else:
-        _check(np.array_equal(b, -s / 2), f"{name}.biases",
-               "binary packs need biases == -scales / 2 (W = (2q - 1) * s)")
+        _check_groups(b, -s / 2, f"{name}.biases", "binary packs need biases == -scales / 2 (W = (2q - 1) * s)")
     return kind
 
 
@@ -107,7 +126,7 @@ class LowBitWeight:
         allowed = (-1, 0, 1) if kind == "ternary" else (-1, 1)
         bad = (codes < -1) | (codes > 1) if kind == "ternary" else (codes != 1) & (codes != -1)
         if bool(bad.any()):
-            raise ValueError(f"{name}: {kind} codes must be in {allowed}, found {int(codes[bad][0])}")
+            raise BonsaiValueError(f"{name}: {kind} codes must be in {allowed}, found {int(codes[bad][0])}")
         q = (codes.to(torch.int8) + 1).view(torch.uint8)
         q = q if kind == "ternary" else q >> 1
         return cls(kind, pack_bits(q, kind.bits), scales.to(torch.float32).contiguous(), group_size)
@@ -163,14 +182,15 @@ class LowBitWeight:
             _check(tuple(t.shape) == (k // group_size, out), f"{name}.{key}",
                    f"shape {tuple(t.shape)}, expected [in/{group_size}, out] = {(k // group_size, out)}")
             _check(t.is_floating_point(), f"{name}.{key}", f"must be a float tensor, got {t.dtype}")
+            _check_finite(t, f"{name}.{key}")
         # [in/eps, out] -> [out, in/eps]; int32 words are little-endian bytes in the same LSB-first order.
         packed = W_q.t().contiguous().view(torch.uint8)
         s, z = scales.t().to(torch.float32), zeros.t().to(torch.float32)
         if kind == "ternary":
-            _check(torch.equal(z, -s), f"{name}.zeros", "ternary packs need zeros == -scales (W = (q - 1) * s)")
+            _check_groups(z, -s, f"{name}.zeros", "ternary packs need zeros == -scales (W = (q - 1) * s)")
             _check(not has_code3(packed), f"{name}.W_q", "ternary code 3 is not a valid trit")
         else:
-            _check(torch.equal(z, -s / 2), f"{name}.zeros", "binary packs need zeros == -scales / 2 (W = (2q - 1) * s)")
+            _check_groups(z, -s / 2, f"{name}.zeros", "binary packs need zeros == -scales / 2 (W = (2q - 1) * s)")
             s = s / 2
         return cls(kind, packed, s.contiguous(), group_size)
 
@@ -223,7 +243,9 @@ class LowBitWeight:
         try:
             packed = pack_bits(unpack_trits(codes, in_features), 2) if kind == "ternary" else codes.contiguous()
         except ValueError as e:
-            raise ValueError(f"{name}.codes: {e}") from None
-        _check(tuple(scales.shape) == (out, in_features // group_size), f"{name}.scales",
-               f"expected {(out, in_features // group_size)}, got {tuple(scales.shape)}")
+            raise BonsaiValueError(f"{name}.codes: {e}") from None
+        _check(tuple(scales.shape) == (out, in_features // group_size) and scales.is_floating_point(),
+               f"{name}.scales", f"expected float {(out, in_features // group_size)}, got {scales.dtype} "
+               f"{tuple(scales.shape)}")
+        _check_finite(scales, f"{name}.scales")
         return cls(kind, packed, scales.to(torch.float32).contiguous(), group_size)

@@ -10,16 +10,30 @@ biases [out, in/g], W = q * scale + bias; the embedding is quantized too.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import BonsaiValueError
+from ..state import check_finite
 
 HQQ_LINEAR_KEYS = ("W_q", "nbits", "group_size", "shape", "scale", "zero", "axis", "packing")
 
 
 def _check(cond: bool, where: str, msg: str) -> None:
     if not cond:
-        raise ValueError(f"{where}: {msg}")
+        raise BonsaiValueError(f"{where}: {msg}")
+
+
+def _ints(value, n: int, where: str) -> tuple[int, ...]:
+    """n ints from a stored int, torch.Size, list or integer tensor (a pickle may hold any of them)."""
+    try:
+        out = tuple(operator.index(v) for v in (list(value) if n > 1 else [value]))
+    except (TypeError, ValueError, RuntimeError):  # not integers (floats, strings, a multi-element tensor)
+        out = ()
+    _check(len(out) == n, where, f"expected {n} integer(s), got {' '.join(str(value).split())[:80]}")
+    return out
 
 
 def unpack_4bit_u8(W_q: torch.Tensor) -> torch.Tensor:
@@ -69,21 +83,28 @@ def hqq_linear_codes(state: dict, name: str) -> Int4Weight:
     """One serialized HQQLinear (4-bit, axis 1, '4bit_u8') -> Int4Weight (codes repacked along in)."""
     missing = [k for k in HQQ_LINEAR_KEYS if k not in state]
     _check(not missing, name, f"HQQ linear misses {missing}")
-    _check(int(state["nbits"]) == 4 and state["packing"] == "4bit_u8", name,
-           f"expected 4-bit '4bit_u8' packing, got nbits={state['nbits']} packing={state['packing']!r}")
-    _check(int(state["axis"]) == 1, name, f"expected axis 1 (groups along in), got {state['axis']}")
+    (nbits,) = _ints(state["nbits"], 1, f"{name}.nbits")
+    _check(nbits == 4 and state["packing"] == "4bit_u8", name,
+           f"expected 4-bit '4bit_u8' packing, got nbits={nbits} packing={state['packing']!r}")
+    _check(_ints(state["axis"], 1, f"{name}.axis") == (1,), name, f"expected axis 1 (groups along in), got "
+           f"{state['axis']}")
     _check(not state.get("view_as_float", False), name, "view_as_float packs are not supported")
     _check(not state.get("quant_scale", False) and not state.get("quant_zero", False), name,
            "quantized scale/zero meta is not supported")
-    out, k = (int(v) for v in state["shape"])
-    g = int(state["group_size"])
+    out, k = _ints(state["shape"], 2, f"{name}.shape")
+    (g,) = _ints(state["group_size"], 1, f"{name}.group_size")
+    _check(out > 0 and g > 0 and k % g == 0 and out * k // g % 2 == 0, name,
+           f"shape {(out, k)} does not split into pairs of groups of {g}")
     W_q = state["W_q"]
+    for key in ("W_q", "scale", "zero"):
+        _check(isinstance(state[key], torch.Tensor), f"{name}.{key}", f"expected a tensor, got "
+               f"{type(state[key]).__name__}")
     _check(W_q.dtype == torch.uint8 and tuple(W_q.shape) == (out * k // g // 2, g), f"{name}.W_q",
            f"expected uint8 {(out * k // g // 2, g)} for shape {(out, k)} and group {g}, got {W_q.dtype} "
            f"{tuple(W_q.shape)}")
     for key in ("scale", "zero"):
-        _check(tuple(state[key].shape) == (out * k // g, 1), f"{name}.{key}",
-               f"expected {(out * k // g, 1)}, got {tuple(state[key].shape)}")
+        _check(tuple(state[key].shape) == (out * k // g, 1) and state[key].is_floating_point(), f"{name}.{key}",
+               f"expected float {(out * k // g, 1)}, got {state[key].dtype} {tuple(state[key].shape)}")
     q = unpack_4bit_u8(W_q).reshape(out, k)  # row r of [out*in/g, g] is group r % (in/g) of output r // (in/g)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)  # [out, in / 2]
     return Int4Weight(packed, state["scale"].reshape(out, k // g), state["zero"].reshape(out, k // g), g)
@@ -95,24 +116,27 @@ def hqq_linear_to_dense(state: dict, name: str, dtype: torch.dtype = torch.float
 
 
 def hqq_to_dense(qmodel: dict, dtype: torch.dtype = torch.float32, keep=lambda key: True,
-                 packed: bool = False, device=None) -> dict[str, torch.Tensor | Int4Weight]:
+                 packed: bool = False, device=None, source="qmodel.pt") -> dict[str, torch.Tensor | Int4Weight]:
     """qmodel.pt contents -> {'<leaf>.weight': dense tensor} for every leaf whose key passes `keep`; with
-    `packed`, the quantized linears stay `Int4Weight`, repacked on `device` (a GPU does it in milliseconds)."""
+    `packed`, the quantized linears stay `Int4Weight`, repacked on `device` (a GPU does it in milliseconds).
+    Float tensors (scale, zero, dense weights) must be finite; errors name `source` (the file) and the key."""
     state = {}
     for leaf, module_state in qmodel.items():
-        key = f"{leaf}.weight"
+        key, where = f"{leaf}.weight", f"{source}: {leaf}"
         if not keep(key):
             continue
-        _check(isinstance(module_state, dict), leaf, f"expected a module state dict, got {type(module_state).__name__}")
+        _check(isinstance(module_state, dict), where,
+               f"expected a module state dict, got {type(module_state).__name__}")
+        if device is not None and "W_q" in module_state:
+            module_state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in module_state.items()}
+        check_finite(source, {f"{leaf}.{k}": v for k, v in module_state.items()})  # where it is repacked
         if "W_q" in module_state:
-            _check("bias" not in module_state or module_state["bias"] is None, leaf, "linear biases are not expected")
-            if device is not None:
-                module_state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in module_state.items()}
-            w = hqq_linear_codes(module_state, leaf)
+            _check("bias" not in module_state or module_state["bias"] is None, where, "linear biases are not expected")
+            w = hqq_linear_codes(module_state, where)
             state[key] = w if packed else w.dequantize(dtype)
         else:
-            extra = sorted(set(module_state) - {"weight"})
-            _check("weight" in module_state and not extra, leaf, f"expected only 'weight', got {sorted(module_state)}")
+            _check(set(module_state) == {"weight"} and isinstance(module_state["weight"], torch.Tensor), where,
+                   f"expected only a 'weight' tensor, got {list(module_state)}")
             state[key] = module_state["weight"].to(dtype)
     return state
 

@@ -10,12 +10,12 @@ float tensor (a Python 0.5 would be truncated to 0 by gemlite) -> stored -s.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ...files import cache_dir
 from ...layouts import GemliteMeta, Kind, check_gemlite_linear, split_gemlite_state
 
 INSTALL_HINT = "pip install -e .[cuda]"
@@ -159,13 +159,6 @@ def split_state(state: dict, source="gemlite state") -> dict:
     groups, out = split_gemlite_state(state, source, extra=("bias", "meta_scale"))
     out.update({f"{prefix}.weight": GemliteState(group) for prefix, group in groups.items()})
     return out
-
-
-def cache_dir() -> Path:
-    """User cache for tuned configs: $BONSAI_CACHE, else $XDG_CACHE_HOME/bonsai, else ~/.cache/bonsai."""
-    if os.environ.get("BONSAI_CACHE"):
-        return Path(os.environ["BONSAI_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bonsai"
 
 
 def gpu_cache_file(prefix: str, directory: str | Path | None = None) -> Path:

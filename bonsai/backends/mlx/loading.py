@@ -18,6 +18,21 @@ def to_numpy(a: mx.array) -> np.ndarray:
     return np.asarray(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a)
 
 
+def check_quantizable(model: nn.Module, weights: Mapping[str, mx.array], group_size: int, source) -> None:
+    """Before `nn.quantize`: every module the checkpoint quantizes (it has `<path>.scales`) must split its inputs
+    into groups of `group_size`, and its scales must have the shape that gives; BonsaiValueError naming `source`."""
+    expected, given = {}, {}
+    for path, module in model.named_modules():
+        key = f"{path}.scales"
+        if key in weights and hasattr(module, "weight"):
+            out, k = module.weight.shape
+            if k % group_size:
+                raise BonsaiValueError(f"{source}: {path} has {k} inputs, not a multiple of the quantization "
+                                       f"group_size {group_size}")
+            expected[key], given[key] = (out, k // group_size), tuple(weights[key].shape)
+    check_state(source, expected, given, "quantized scales")
+
+
 def load_strict(model: nn.Module, weights: Mapping[str, mx.array], source, what: str = "weights") -> nn.Module:
     """Load `weights` (flat key -> mx.array) into `model` and evaluate them.
 

@@ -9,7 +9,10 @@ import mlx.core as mx
 import numpy as np
 
 from ...config import TextEncoderConfig, VAEConfig
+from ...errors import BonsaiFileNotFoundError
+from ...files import load_mlx
 from ...memory import SAMPLE_EVERY_S, MemorySampler, summarize
+from ...weights import check_vae_tensors
 from ..torch.runtime import LazyModel
 from . import mx_dtype, to_mx
 from .text_encoder import encode as encode_text, load_text_encoder_folder
@@ -74,7 +77,7 @@ class MLXRuntime:
         """
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist")
+            raise BonsaiFileNotFoundError(f"model folder {folder} does not exist")
         dtype = dtype_name(dtype)
         transformer, kind = load_transformer_folder(folder, dtype=dtype, dense=dense)
         vae_file = folder / "vae" / VAE_FILE
@@ -182,6 +185,6 @@ def read_vae(folder: Path) -> tuple[dict, VAEConfig]:
     vae_dir = folder / "vae"
     config = VAEConfig.from_json(vae_dir / "config.json")
     path = vae_dir / VAE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"missing {path}")
-    return mx.load(str(path)), config
+    state = load_mlx(path)
+    check_vae_tensors(state, path)
+    return state, config

@@ -12,14 +12,16 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ...config import read_json
-from ...config import TextEncoderConfig
+from ...config import TextEncoderConfig, mlx_quantization, read_text_encoder_json
 from ...layouts import TE_MLX
-from ...errors import BonsaiFileNotFoundError, BonsaiValueError
+from ...errors import BonsaiValueError
+from ...files import load_mlx
+from ...state import check_finite
+from ...weights import with_model_prefix
 
 DEFAULT_LAYERS = TextEncoderConfig.feature_layers  # the dataclass default: klein's (9, 18, 27)
 from . import mx_dtype, to_mx
-from .loading import load_strict
+from .loading import check_quantizable, load_strict
 
 MLX_TE_DIR = TE_MLX.folder
 
@@ -65,15 +67,15 @@ class Qwen3TextEncoder(nn.Module):
         return [out[sorted(layers).index(k)] for k in layers]
 
 
-def model_args(config: dict):
+def model_args(config: dict, source="text encoder config"):
     """transformers Qwen3 config dict -> mlx-lm ModelArgs."""
     config = {"model_type": "qwen3", "tie_word_embeddings": True, "max_position_embeddings": 40960, **config}
     if "head_dim" not in config:
         config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
     try:
         return _qwen3().ModelArgs.from_dict(config)
-    except (TypeError, KeyError) as e:
-        raise BonsaiValueError(f"text encoder config is not a Qwen3 config: {e}") from None
+    except (TypeError, KeyError, ValueError) as e:
+        raise BonsaiValueError(f"{source}: not a Qwen3 config for mlx-lm ({type(e).__name__}: {e})") from None
 
 
 def read_mlx_text_encoder(folder: str | Path, n_layers: int) -> tuple[dict, dict | None, dict[str, mx.array]]:
@@ -81,18 +83,12 @@ def read_mlx_text_encoder(folder: str | Path, n_layers: int) -> tuple[dict, dict
     folder = Path(folder)
     if (folder / MLX_TE_DIR).is_dir():
         folder = folder / MLX_TE_DIR
-    config = read_json(folder / "config.json")
-    quant = config.get("quantization") or config.get("quantization_config")
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    tensors = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise BonsaiFileNotFoundError(f"missing {path}")
-        for key, arr in mx.load(str(path)).items():
-            if _keep(key, n_layers):
-                tensors[key] = arr
+    config, quant = read_text_encoder_json(folder / "config.json")
+    file = folder / TE_MLX.weight_file
+    tensors = {key: arr for key, arr in with_model_prefix(load_mlx(file)).items() if _keep(key, n_layers)}
+    check_finite(file, tensors)
+    if any(key.endswith(".scales") for key in tensors):
+        mlx_quantization(quant, folder / "config.json")
     return config, quant, tensors
 
 
@@ -100,7 +96,8 @@ def _keep(key: str, n_layers: int) -> bool:
     if key.startswith("model.embed_tokens."):
         return True
     if key.startswith("model.layers."):
-        return int(key.split(".")[2]) < n_layers
+        index = key.split(".")[2]
+        return not index.isdigit() or int(index) < n_layers  # a malformed key is kept for the strict check to name
     return False  # final norm, lm_head and layers past the last feature layer are never used
 
 
@@ -112,16 +109,15 @@ def load_text_encoder(config: dict, tensors: dict, quantization: dict | None = N
     """
     dtype = mx_dtype(dtype)
     n = max(layers)
-    tensors = {(k if k.startswith("model.") else f"model.{k}"): v for k, v in tensors.items()}
-    tensors = {k: to_mx(v) for k, v in tensors.items() if _keep(k, n)}
-    args = model_args(config)
+    tensors = {k: to_mx(v) for k, v in with_model_prefix(tensors).items() if _keep(k, n)}
+    args = model_args(config, source)
     if n > args.num_hidden_layers:
         raise BonsaiValueError(f"{source}: layers {tuple(layers)} exceed num_hidden_layers={args.num_hidden_layers}")
     model = Qwen3TextEncoder(args, n)
     if any(k.endswith(".scales") for k in tensors):
-        if not quantization:
-            raise BonsaiValueError(f"{source}: quantized tensors (.scales) but no 'quantization' entry in config.json")
-        nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+        bits, group_size = mlx_quantization(quantization, f"{source}: config.json")
+        check_quantizable(model, tensors, group_size, source)
+        nn.quantize(model, group_size=group_size, bits=bits,
                     class_predicate=lambda path, m: f"{path}.scales" in tensors)
     # packed codes keep their integer dtype; everything else (scales included) runs in the compute dtype
     cast = {k: v if not mx.issubdtype(v.dtype, mx.floating) else v.astype(dtype) for k, v in tensors.items()}

@@ -16,11 +16,12 @@ import numpy as np
 
 from ...config import TransformerConfig
 from ...layouts import MLX, Kind
-from ...errors import BonsaiFileNotFoundError
+from ...files import load_mlx
+from ...state import check_finite
 from ...latents import rope_tables
 from ...quant.lowbit import LowBitWeight, check_mlx_affine
 from . import mx_dtype, to_mx
-from .loading import load_strict, to_numpy
+from .loading import check_quantizable, load_strict, to_numpy
 
 FP16_MAX = 65504.0
 
@@ -294,9 +295,9 @@ def read_packed_mflux(folder: str | Path) -> tuple[TransformerConfig, int, int, 
     kind, q = MLX.read_quant(folder)
     bits, group = kind.bits, q["group_size"]
     path = folder / MLX.weight_file
-    if not path.is_file():
-        raise BonsaiFileNotFoundError(f"missing {path}")
-    return config, bits, group, mx.load(str(path))
+    weights = load_mlx(path)
+    check_finite(path, weights)
+    return config, bits, group, weights
 
 
 def mlx_tensors(tensors: dict) -> tuple[int | None, dict[str, mx.array]]:
@@ -337,6 +338,7 @@ def load_transformer(weights: dict[str, mx.array], config: TransformerConfig, bi
         else:
             codes[keys[0]] = params.pop(keys[0])  # the released uint32 codes, unchanged
     if not dense:
+        check_quantizable(model, weights, group_size, source)
         nn.quantize(model, group_size=group_size, bits=bits,
                     class_predicate=lambda path, _: f"{path}.scales" in weights)
     # everything but the codes, scales and biases included, runs in the compute dtype
