@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 from .errors import BonsaiValueError
 from .files import read_json  # noqa: F401 (re-exported: bonsai.config.read_json is the JSON reader)
@@ -114,9 +114,26 @@ def _positive(config, names: str) -> None:
             raise BonsaiValueError(f"{name} must be > 0, got {value}")
 
 
+class FileConfig:
+    """`from_dict` / `from_json` of the frozen configs: the dataclass's fields read from a config.json (other keys
+    ignored), each value type-checked, errors naming the file (or `source`) and the field."""
+
+    SOURCE: ClassVar[str] = "config"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | None = None):
+        return _from_dict(cls, d, source or cls.SOURCE)
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        return cls.from_dict(read_json(path), str(path))
+
+
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(FileConfig):
     """`Flux2Transformer2DModel` config. Defaults are FLUX.2 [klein] 4B."""
+
+    SOURCE: ClassVar[str] = "transformer config"
 
     patch_size: int = 1
     in_channels: int = 128
@@ -169,18 +186,13 @@ class TransformerConfig:
     def out_dim(self) -> int:
         return self.out_channels or self.in_channels
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "transformer config") -> "TransformerConfig":
-        return _from_dict(cls, d, source)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "TransformerConfig":
-        return cls.from_dict(read_json(path), str(path))
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(FileConfig):
     """`AutoencoderKLFlux2` config. Defaults are the FLUX.2 VAE."""
+
+    SOURCE: ClassVar[str] = "vae config"
 
     in_channels: int = 3
     out_channels: int = 3
@@ -231,18 +243,13 @@ class VAEConfig:
         """Pixels per VAE latent along each side."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "vae config") -> "VAEConfig":
-        return _from_dict(cls, d, source)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "VAEConfig":
-        return cls.from_dict(read_json(path), str(path))
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(FileConfig):
     """`FlowMatchEulerDiscreteScheduler` config as used by klein (dynamic exponential shift)."""
+
+    SOURCE: ClassVar[str] = "scheduler config"
 
     num_train_timesteps: int = 1000
     shift: float = 3.0
@@ -259,23 +266,18 @@ class SchedulerConfig:
         _in_range(self, "num_train_timesteps base_image_seq_len max_image_seq_len", 1)
         _positive(self, "shift")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "scheduler config") -> "SchedulerConfig":
-        return _from_dict(cls, d, source)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "SchedulerConfig":
-        return cls.from_dict(read_json(path), str(path))
 
 
 @dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(FileConfig):
     """How prompts become features: the Qwen3 hidden states after decoder layers `feature_layers` (1-based; index 0
     would be the embeddings), concatenated per token, prompts padded to `max_length` tokens.
 
     Read from the text encoder's config.json: `feature_layers` is our key (the tiny test repos write it); released
     configs lack it and get klein's (9, 18, 27).
     """
+
+    SOURCE: ClassVar[str] = "text encoder config"
 
     feature_layers: tuple[int, ...] = (9, 18, 27)
     max_length: int = 512
@@ -295,20 +297,15 @@ class TextEncoderConfig:
         """Decoder layers to load: the features never read past the last feature layer."""
         return self.feature_layers[-1]
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "text encoder config") -> "TextEncoderConfig":
-        return _from_dict(cls, d, source)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "TextEncoderConfig":
-        return cls.from_dict(read_json(path), str(path))
 
 
 @dataclass(frozen=True)
-class Qwen3Fields:
+class Qwen3Fields(FileConfig):
     """The values of a Qwen3 text encoder's config.json that bonsai, transformers and mlx-lm read, checked; the
     file itself is passed on to those libraries. A default of None stands for an absent key (the library's default
     applies); only the `| None` fields may be null in the file."""
+
+    SOURCE: ClassVar[str] = "text encoder config"
 
     vocab_size: int
     hidden_size: int
@@ -358,9 +355,6 @@ class Qwen3Fields:
         if None not in (self.rope_theta, nested) and self.rope_theta != nested:  # the libraries read one each
             raise BonsaiValueError(f"rope_theta={self.rope_theta} disagrees with rope_parameters.rope_theta={nested}")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "text encoder config") -> "Qwen3Fields":
-        return _from_dict(cls, d, source)
 
 
 QUANTIZATION_KEYS = ("quantization", "quantization_config")  # mlx-lm writes the same entry under both
