@@ -375,6 +375,18 @@ def test_a_failing_request_fails_alone(pipe):
         assert c.post("/v1/images/generations", json=OK).status_code == 200  # still serving
 
 
+def test_a_failing_streamed_request_ends_with_an_error_event(pipe):
+    with TestClient(create_app(ServeConfig(model_name="tiny"), lambda: Gate(pipe))) as c:
+        ready(c)
+        r = c.post("/v1/images/generations", json={**OK, "prompt": "boom", "stream": True})
+        assert r.status_code == 200
+        blocks = [b for b in r.text.split("\n\n") if b.startswith("event:")]
+        assert [b.split("\n")[0] for b in blocks] == ["event: queued", "event: error"]
+        error = json.loads(blocks[-1].split("\n")[1][6:])
+        assert error["status"] == 500 and error["error"]["code"] == "render_failed"
+        assert metric(c.get("/metrics").text, "bonsai_requests_total", '{status="500"}') == 1
+
+
 def test_engine_batches_compatible_jobs_only(pipe):
     gate = Gate(pipe, open_=False)
     engine = Engine(lambda: gate, Metrics(), max_batch=4, max_delay_s=0.0, max_queue=16)
@@ -393,6 +405,32 @@ def test_engine_batches_compatible_jobs_only(pipe):
         assert [bonsai.metadata(img)["seed"] for img in results[-1].images] == [20, 21, 22, 23, 24]
         for i, r in enumerate(results[1:4]):
             assert np.abs(pixels(r.images[0]) - reference(pipe, f"a{i}", i, 32, 32, 1)).max() <= TOL
+    finally:
+        engine.close(5)
+
+
+def test_engine_cancel_drops_queued_and_stops_running_jobs(pipe):
+    gate = Gate(pipe, open_=False)
+    metrics = Metrics()
+    engine = Engine(lambda: gate, metrics, max_batch=4, max_delay_s=0.0, max_queue=16)
+    engine.start()
+    try:
+        wait_until(lambda: engine.state == "ready", "engine ready")
+        running_job = engine.submit(Spec("hold", (0,), 32, 32, 2))
+        assert gate.entered.acquire(timeout=WAIT_S)
+        queued = engine.submit(Spec("never rendered", (1,), 48, 32, 1))
+        engine.cancel(queued)
+        assert engine.depth() == 0
+        with pytest.raises(bonsai.Cancelled):
+            queued.future.result(0)
+        engine.cancel(running_job)  # its batch has no other job: the render stops
+        gate.opened.set()
+        with pytest.raises(bonsai.Cancelled):
+            running_job.future.result(WAIT_S)
+        after = engine.submit(Spec("after", (2,), 32, 32, 1)).future.result(WAIT_S)
+        assert np.abs(pixels(after.images[0]) - reference(pipe, "after", 2, 32, 32, 1)).max() <= TOL
+        assert gate.calls == [["hold"], ["after"]]
+        assert metric(metrics.text().decode(), "bonsai_denoise_steps_total") == 1  # only "after"'s step ran
     finally:
         engine.close(5)
 
