@@ -1,4 +1,4 @@
-"""`bonsai` command line: generate, batch, info, convert. Arguments are checked before any model is loaded."""
+"""`bonsai` command line: generate, batch, info, convert, serve. Arguments are checked before any model is loaded."""
 
 from __future__ import annotations
 
@@ -155,6 +155,59 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from . import params
+    from .sizes import parse_size
+
+    try:
+        from .serve.app import ServeConfig, create_app
+        from .serve.engine import warm_up
+        from .serve.server import server
+    except ImportError as e:
+        raise ImportError(f"bonsai serve needs the serve extra: pip install -e '.[serve]' ({e.name} is missing)") \
+            from None
+
+    # Every argument checked before the server starts and the model loads.
+    backend = _backend(args)
+    params.integer(args.port, "--port", 0, 65535)
+    warmup = [params.size(*parse_size(s)) for s in args.warmup]
+    for value in args.lora:  # checked now, loaded with the model
+        parse_lora(value)
+    model = args.model or DEFAULT_MODELS["mlx" if backend.value == "mlx" else "other"]
+    name = args.served_model_name or (Path(model).name if Path(model).is_dir() else model)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("BONSAI_API_KEY") or None
+    config = ServeConfig(model_name=name, max_batch=args.max_batch, max_delay_ms=args.max_delay_ms,
+                         max_queue=args.max_queue, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                         max_pixels=args.max_pixels, url_store_mb=args.url_store_mb,
+                         shutdown_timeout_s=args.shutdown_timeout)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("serving on %s without an API key: anyone who can reach it can render", args.host)
+    load_args = argparse.Namespace(**{**vars(args), "model": model})
+
+    def load():
+        pipe = _load(load_args, backend)  # with the --lora adapters
+        warm_up(pipe, warmup, config.max_batch)
+        return pipe
+
+    def load_failed(_message: str) -> None:
+        http.should_exit = True  # the error is printed below, after uvicorn has stopped
+
+    app = create_app(config, load, on_load_failed=load_failed)
+    http = server(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    print(f"bonsai serve: http://{args.host}:{args.port}/ (model {name}, loading in the background)",
+          file=sys.stderr)
+    try:
+        http.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        return 130
+    if app.state.engine.error:
+        print(f"bonsai: error: the model failed to load: {app.state.engine.error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .sizes import STYLES
@@ -199,6 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a repo folder: variant, layout, sizes")
     i.add_argument("dir")
     i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible image API and a studio page (needs the serve extra)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8, help="most images per batched denoise (default 8)")
+    s.add_argument("--max-delay-ms", type=float, default=10.0,
+                   help="how long a request waits for others of its size to batch with (default 10)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting; more get 429 (default 64)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $BONSAI_API_KEY, or none)")
+    s.add_argument("--max-pixels", type=int, default=2048 * 2048,
+                   help="largest width*height a request may ask for (default 2048*2048)")
+    s.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="request bodies above this get 413")
+    s.add_argument("--url-store-mb", type=float, default=256.0,
+                   help="memory for images of response_format=url, oldest dropped first (default 256)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may finish at shutdown before they get 503 (default 30)")
+    s.add_argument("--served-model-name", help="model id in /v1/models (default: the repo id or folder name)")
+    s.add_argument("--warmup", action="append", default=[], metavar="WxH",
+                   help="render 1-step batches of 1 to --max-batch images of this size before reporting ready "
+                        "(repeatable)")
+    s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("convert", help="convert a repo folder to another transformer layout")
     c.add_argument("src")

@@ -54,3 +54,20 @@ def test_image_argument_errors_come_before_loading(tmp_path):
                          (["--lora", "x:nan"], "scale")]:
         r = bonsai_cli("generate", "-p", "x", "--model", "prism-ml/none-gemlite", *extra)
         assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_lora_flag_on_batch_and_serve(repo, tmp_path):
+    from test_lora_images_render import write_peft_lora
+    from test_pipeline import _diffusers_pipeline
+
+    lora = write_peft_lora(tmp_path / "lora", _diffusers_pipeline(repo).transformer)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a boat", "size": "64x64", "seed": 4, "out": "boat.png"}\n')
+    for extra, name in (([], "plain"), (["--lora", f"{lora}:0.5"], "lora")):
+        r = bonsai_cli("batch", jobs, "--model", repo, "--backend", "torch", "--dtype", "float32", "-q", *extra,
+                       "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    a, b = (np.asarray(Image.open(tmp_path / n / "boat.png")).astype(int) for n in ("plain", "lora"))
+    assert np.abs(a - b).max() > 2  # the batch rendered with the LoRA
+    r = bonsai_cli("serve", "--model", repo, "--lora", "x:inf")
+    assert r.returncode == 2 and "scale" in r.stderr and "Traceback" not in r.stderr, r.stderr
