@@ -17,7 +17,7 @@ for step in "$@"; do
     tests)
       timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_linear.py tests/test_cuda_transformer.py \
         tests/test_cuda_inputs.py tests/test_cuda_state.py tests/test_cuda_choice.py tests/test_gemlite_layout.py \
-        tests/test_fused.py 2>&1 | tee "$OUT/h200-tests.log" | tail -25 ;;
+        tests/test_elementwise.py 2>&1 | tee "$OUT/h200-tests.log" | tail -25 ;;
     pipeline)
       (cd benchmarks && timeout 560 python3 bench_pipeline.py --repos $REPOS --out "$OUT/h200-pipeline" \
         --layouts gemlite,mlx,compact --kinds ternary,binary 2>&1 | tail -60) ;;

@@ -211,25 +211,6 @@ def test_compiled_elementwise_matches_eager(activations):
     assert torch.equal(run(model, args, dtype), y)  # replaying the compiled code is deterministic
 
 
-@pytest.mark.parametrize("activations", [None])
-def test_fused_kernels_match_eager(activations):
-    """CudaRuntime(fused=True): our Triton modulation and RoPE kernels; the output equals the torch ops' within bf16."""
-    from bonsai.backends.cuda.fused import FUSED_OPS
-    from bonsai.backends.torch.transformer import load_transformer
-    from bonsai.config import TransformerConfig
-
-    for cfg in (TransformerConfig(**TINY), TransformerConfig(**REAL_WIDTH_FEW_LAYERS)):
-        tensors = random_tensors(cfg, "ternary")
-        args = inputs(cfg, h=16, w=16, n_txt=64)
-        ref = run(load_transformer(tensors, cfg, device="cuda", dtype=torch.bfloat16,
-                                   make_linear=fast_linears("expand", activations)), args, torch.bfloat16)
-        y = run(load_transformer(tensors, cfg, device="cuda", dtype=torch.bfloat16,
-                                 make_linear=fast_linears("expand", activations), ops=FUSED_OPS), args, torch.bfloat16)
-        err = ((y - ref).norm() / ref.norm()).item()
-        print(f"fused kernels vs torch ops, {cfg.inner_dim}-wide: rel {err:.2e}")
-        assert err < 1e-2
-
-
 @pytest.fixture(scope="module")
 def gemlite_repo(tmp_path_factory):
     from bonsai import testing

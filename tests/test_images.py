@@ -84,20 +84,16 @@ def run_recorded(pipe, **kwargs):
     return encoded, calls[0]
 
 
-def klein(parts):
+def klein(parts, cls=None):
     transformer, vae, _ = parts
     sched = diffusers.FlowMatchEulerDiscreteScheduler(**{k: v for k, v in testing.SCHEDULER_CONFIG.items()
                                                          if not k.startswith("_")})
-    return diffusers.Flux2KleinPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
-                                        transformer=transformer, is_distilled=True)
+    return (cls or diffusers.Flux2KleinPipeline)(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
+                                                 transformer=transformer, is_distilled=True)
 
 
 def inpaint(parts):
-    transformer, vae, _ = parts
-    sched = diffusers.FlowMatchEulerDiscreteScheduler(**{k: v for k, v in testing.SCHEDULER_CONFIG.items()
-                                                         if not k.startswith("_")})
-    return diffusers.Flux2KleinInpaintPipeline(scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
-                                               transformer=transformer, is_distilled=True)
+    return klein(parts, diffusers.Flux2KleinInpaintPipeline)
 
 
 # --- reference images -------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from ..torch.transformer import load_transformer
 from . import choice
 from ..torch.transformer import TORCH_OPS, Ops
 from .choice import GemmChoices
-from .fused import FUSED_OPS
 from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
 
 log = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ class CudaRuntime(TorchRuntime):
     def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
              linear: str = "auto", activations: str | None = None, text_encoder: str = "4bit",
              keep_text_encoder: bool | str = "auto", memory: str = "auto", autotune_file: str | Path | None = None,
-             cuda_graphs: bool | None = None, compile: bool = False, fused: bool = False) -> "CudaRuntime":
+             cuda_graphs: bool | None = None, compile: bool = False) -> "CudaRuntime":
         """linear: "auto" (per shape, the faster of "expand" and "fused", measured once and cached), "expand"
         (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop), "gemlite", or "dense" (the
         codes expanded to bf16 at load: the dense baseline, 5x the weight memory).
@@ -115,8 +114,7 @@ class CudaRuntime(TorchRuntime):
         Our per-shape GEMM choices are persisted next to them (`choice.cache_path()`).
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
         ~1k small kernels per step); default on, off with memory="low". compile: torch.compile the elementwise
-        steps (modulation, RoPE + attention; the linears stay eager). fused: our Triton kernels for those steps
-        (fused.py; measured slower than torch's on the H200, so off by default).
+        steps (modulation, RoPE + attention; the linears stay eager).
         """
         if not torch.cuda.is_available():
             raise RuntimeError("CudaRuntime needs a CUDA device; torch.cuda.is_available() is False")
@@ -145,7 +143,7 @@ class CudaRuntime(TorchRuntime):
         folder = Path(folder)
         if not folder.is_dir():
             raise BonsaiFileNotFoundError(f"model folder {folder} does not exist")
-        ops = FUSED_OPS if fused else TORCH_OPS
+        ops = TORCH_OPS
         if compile:
             ops = Ops(**{f.name: torch.compile(getattr(TORCH_OPS, f.name), dynamic=False)
                          for f in dataclasses.fields(Ops)})

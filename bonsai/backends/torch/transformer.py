@@ -63,7 +63,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Te
 
 @dataclass(frozen=True)
 class Ops:
-    """The elementwise steps a backend may run as fused kernels of the same math (backends/cuda/fused.py)."""
+    """The elementwise steps a backend may run as other code of the same math (CUDA: torch.compile'd)."""
 
     modulate: Callable = modulate
     attention: Callable = attention
