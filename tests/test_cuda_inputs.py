@@ -69,13 +69,21 @@ def test_batch_matches_single_images_in_bf16(pipes):
         assert diff.mean() < 2.0
 
 
-def test_low_memory_mode_offloads_the_text_encoder(pipes):
+def test_low_memory_mode_offloads_the_text_encoder_and_transformer(pipes, tmp_path):
     cuda, _ = pipes
     low = bonsai.Pipeline.from_pretrained(cuda.model, backend="cuda", memory="low")
     assert low.runtime.memory == "low" and not low.runtime.cuda_graphs
-    for prompt in ("a cat", "a dog"):  # the second brings the text encoder back from pinned host memory
-        a = np.asarray(low(prompt, width=64, height=64, seed=1, progress=False).image, np.float32)
-        assert not low.runtime.memory_report()["text_encoder_resident"]
-        b = np.asarray(cuda(prompt, width=64, height=64, seed=1, progress=False).image, np.float32)
-        assert np.abs(a - b).max() <= 2.0
+    path = lora_file(tmp_path / "lora.safetensors", cuda.transformer_config)
+    for lora in (None, path):  # with a LoRA: its branches travel to the host and back with the transformer
+        if lora is not None:
+            for pipe in (low, cuda):
+                pipe.load_lora(lora, scale=0.8)
+        for prompt in ("a cat", "a dog"):  # the second brings both back from pinned host memory
+            a = np.asarray(low(prompt, width=64, height=64, seed=1, progress=False).image, np.float32)
+            assert not low.runtime.memory_report()["text_encoder_resident"]
+            assert all(t.is_cuda for t in low.runtime.transformer.state_dict().values())
+            b = np.asarray(cuda(prompt, width=64, height=64, seed=1, progress=False).image, np.float32)
+            assert np.abs(a - b).max() <= 2.0, (lora, prompt)
+    for pipe in (low, cuda):
+        pipe.unload_lora()
     assert cuda.runtime.memory_report()["text_encoder_resident"]  # "auto" on a big GPU keeps it

@@ -38,20 +38,29 @@ def _lap(t0: float, phases: dict | None = None) -> float:
     return time.perf_counter() - t0 - sum((phases or {}).values())
 
 
+def _tensors(model):
+    return itertools.chain(model.named_parameters(), model.named_buffers())
+
+
 def _to_pinned_host(model, host):
-    """Point a model's tensors at pinned host copies (made on the first call only; a later copy back runs at full
-    PCIe speed, with no disk read). -> (model, host copies)."""
-    tensors = list(itertools.chain(model.parameters(), model.buffers()))
-    copies = host[1] if host is not None else [t.data.to("cpu").pin_memory() for t in tensors]
-    for t, c in zip(tensors, copies):
+    """Point a model's parameters and buffers at pinned host copies -> (model, copies by name). The pinned buffers
+    of the last call are reused (pinning is slow; copying back from them runs at full PCIe speed, no disk read);
+    the values are copied every time, since a model's tensors may have changed on the device (LoRA branches)."""
+    copies = host[1] if host is not None else {}
+    for name, t in _tensors(model):
+        c = copies.get(name)
+        if c is None or c.shape != t.shape or c.dtype != t.dtype:
+            c = copies[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        c.copy_(t.data, non_blocking=True)
         t.data = c
+    torch.cuda.synchronize()
     return model, copies
 
 
 def _to_device(host, device):
     model, copies = host
-    for t, c in zip(itertools.chain(model.parameters(), model.buffers()), copies):
-        t.data = c.to(device, non_blocking=True)
+    for name, t in _tensors(model):
+        t.data = copies[name].to(device, non_blocking=True)
     torch.cuda.synchronize(device)
     return model
 
@@ -92,6 +101,10 @@ class CudaRuntime(TorchRuntime):
         self.resident_gb = torch.cuda.memory_allocated(self.device) / 1e9
         self._graphs: dict[tuple, GraphedForward] = {}
         self._graph_pool = None
+        # memory="low": the transformer waits in pinned host memory while the text encoder runs (gemlite's layers
+        # keep device state outside their parameters, so they stay)
+        self._offload_transformer = memory == "low" and linear != "gemlite"
+        self._transformer_host = None
 
     @classmethod
     def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
@@ -106,8 +119,9 @@ class CudaRuntime(TorchRuntime):
         (expanded per layer for cuBLAS); "dense" dequantizes them to bf16 (the other packs are always dense).
         keep_text_encoder: "auto" keeps the text encoder on the GPU between prompts while the render has room
         next to it (else it moves to pinned host memory and comes back without a disk read); True / False.
-        memory: "low" (for 6-8 GB cards: text encoder offloaded after each encode, tiled VAE decode, no CUDA
-        graphs), "normal", or "auto" (low below 12 GB of device memory).
+        memory: "low" (for 6-8 GB cards: the text encoder and the transformer (our linears) never on the device at once (each
+        waits in pinned host memory while the other runs), tiled VAE decode, no CUDA graphs), "normal", or "auto"
+        (low below 12 GB of device memory).
 
         With "gemlite", a released gemlite repo loads as stored and its `gemlite_autotune.json` is honoured;
         tuned configs are persisted per GPU model under the user cache (`autotune_file` overrides the path).
@@ -185,6 +199,17 @@ class CudaRuntime(TorchRuntime):
         # The graphs replay the modules they captured; their pool goes with them (a freed pool is not reusable).
         self._graphs.clear()
         self._graph_pool = None
+
+    @torch.inference_mode()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not self._offload_transformer:
+            return super().encode(input_ids, attention_mask)
+        self._transformer_host = _to_pinned_host(self.transformer, self._transformer_host)
+        torch.cuda.empty_cache()  # a small card needs the transformer's blocks for the text encoder's
+        try:
+            return super().encode(input_ids, attention_mask)
+        finally:
+            _to_device(self._transformer_host, self.device)
 
     @torch.inference_mode()
     def condition(self, features, img_ids, txt_ids, refs=None):
