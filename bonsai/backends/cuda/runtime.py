@@ -42,16 +42,19 @@ def _tensors(model):
     return itertools.chain(model.named_parameters(), model.named_buffers())
 
 
-def _to_pinned_host(model, host):
+def _to_pinned_host(model, host, refresh: bool = True):
     """Point a model's parameters and buffers at pinned host copies -> (model, copies by name). The pinned buffers
-    of the last call are reused (pinning is slow; copying back from them runs at full PCIe speed, no disk read);
-    the values are copied every time, since a model's tensors may have changed on the device (LoRA branches)."""
+    of the last call are reused (pinning is slow; copying back from them runs at full PCIe speed, no disk read).
+    refresh: copy the values again (a transformer's tensors change with its LoRA branches); False for a model whose
+    weights never change, whose first copies stay valid."""
     copies = host[1] if host is not None else {}
     for name, t in _tensors(model):
         c = copies.get(name)
         if c is None or c.shape != t.shape or c.dtype != t.dtype:
             c = copies[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        c.copy_(t.data, non_blocking=True)
+            c.copy_(t.data, non_blocking=True)
+        elif refresh:
+            c.copy_(t.data, non_blocking=True)
         t.data = c
     torch.cuda.synchronize()
     return model, copies
@@ -187,7 +190,7 @@ class CudaRuntime(TorchRuntime):
         load_te = text_encoder_loader(folder, text_config, device, dtype,
                                       functools.partial(FastInt4Linear, workspace=workspace) if packed_te else None)
         te = LazyModel(load_te, keep=not low and keep_text_encoder is not False, free=torch.cuda.empty_cache,
-                       offload=_to_pinned_host, restore=lambda host: _to_device(host, device))
+                       offload=functools.partial(_to_pinned_host, refresh=False), restore=lambda host: _to_device(host, device))
         return cls(transformer, vae, te, text_config, device, dtype, vae_encoder_loader(folder, device, dtype),
                    linear=linear, activations=activations,
                    memory=memory, cuda_graphs=not low if cuda_graphs is None else bool(cuda_graphs),
