@@ -301,9 +301,9 @@ class TextEncoderConfig(FileConfig):
 
 @dataclass(frozen=True)
 class Qwen3Fields(FileConfig):
-    """The values of a Qwen3 text encoder's config.json that bonsai, transformers and mlx-lm read, checked; the
-    file itself is passed on to those libraries. A default of None stands for an absent key (the library's default
-    applies); only the `| None` fields may be null in the file."""
+    """The values of a Qwen3 text encoder's config.json that bonsai (the torch encoder) and mlx-lm read, checked.
+    A default of None stands for an absent key (the library's default applies); only the `| None` fields may be
+    null in the file."""
 
     SOURCE: ClassVar[str] = "text encoder config"
 
@@ -354,6 +354,21 @@ class Qwen3Fields(FileConfig):
             raise BonsaiValueError("missing field rope_theta (or rope_parameters.rope_theta)")
         if None not in (self.rope_theta, nested) and self.rope_theta != nested:  # the libraries read one each
             raise BonsaiValueError(f"rope_theta={self.rope_theta} disagrees with rope_parameters.rope_theta={nested}")
+
+    @property
+    def theta(self) -> float:
+        """The RoPE base: rope_theta, else rope_parameters.rope_theta (transformers >= 5 writes it there)."""
+        return self.rope_theta if self.rope_theta is not None else self.rope_parameters["rope_theta"]
+
+    def first_layers(self, n: int) -> "Qwen3Fields":
+        """The config of decoder layers [0, n)."""
+        types = None if self.layer_types is None else self.layer_types[:n]
+        return dataclasses.replace(self, num_hidden_layers=n, layer_types=types)
+
+    def to_dict(self) -> dict:
+        """The fields the file set, rope_theta resolved: a config dict for mlx-lm (or transformers, in tests)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        return {**d, **({"layer_types": list(self.layer_types)} if self.layer_types else {}), "rope_theta": self.theta}
 
 
 

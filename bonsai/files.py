@@ -1,6 +1,6 @@
 """Every file bonsai reads, through one small wrapper per reader, so that any read error is one line naming the
-file: JSON, torch pickles (tensors only), safetensors (torch and MLX), tokenizers. Also the manifest check
-(`verify_manifest`) and the user cache folder.
+file: JSON, torch pickles (tensors only), safetensors (torch and MLX) (the tokenizer: `bonsai.tokenizer`). Also
+the manifest check (`verify_manifest`) and the user cache folder.
 
 Importing this module imports no torch (bonsai.config and bonsai.layouts use it before any model is loaded).
 """
@@ -161,34 +161,6 @@ def save_tensors(tensors: dict, file: Path) -> None:
         from safetensors.torch import save_file
 
         save_file(tensors, file, metadata={"format": "pt"})
-
-
-# --- tokenizer --------------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(folder: str | Path):
-    """transformers' AutoTokenizer from `folder`. When it fails, the file at fault is named: each JSON file is
-    parsed, tokenizer.json by `tokenizers` too; otherwise the folder is."""
-    from transformers import AutoTokenizer
-
-    folder = Path(folder)
-    _is_file(folder / "tokenizer_config.json", "tokenizer file")
-    try:
-        # local_files_only: a local folder needs no hub call (a new process on the network-less H200 host spent
-        # 11 s in this load; not re-measured since)
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:  # transformers and tokenizers raise many types (a bare Exception for a bad tokenizer.json)
-        error = e
-    for file in sorted(folder.glob("*.json")):  # only on failure: a good tokenizer loads without a second parse
-        read_json(file, "tokenizer file")
-    if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        try:
-            Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:
-            raise BonsaiValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer ({one_line(e)})") from None
-    raise BonsaiValueError(f"{folder}: tokenizer files cannot be read ({one_line(error)})") from None
 
 
 # --- manifest ---------------------------------------------------------------------------------------------------

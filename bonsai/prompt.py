@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import BonsaiValueError
-from .files import load_tokenizer  # noqa: F401 (re-exported: the tokenizer is read through bonsai.files)
+from .tokenizer import load_tokenizer  # noqa: F401 (re-exported)
 
 
 def format_prompt(tokenizer, prompt: str) -> str:

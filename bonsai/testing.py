@@ -27,6 +27,9 @@ TINY_VAE = VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, no
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 ADDED_TOKENS = ("<think>", "</think>")
 HQQ_GROUP, MLX_TE_GROUP = 64, 64
+# Qwen2/3's pre-tokenizer split (their tokenizer.json and transformers' Qwen2Tokenizer)
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+              r"\s+(?!\S)|\s+")
 
 # A Qwen3-style template (user turns, generation prompt, empty think block when thinking is off).
 CHAT_TEMPLATE = (
@@ -193,13 +196,17 @@ def write_dense_text_encoder(folder: Path, config, state: dict) -> Path:
 
 
 def write_tokenizer(folder: Path) -> int:
-    """A byte-level BPE tokenizer with Qwen's special tokens and chat template; returns its vocab size."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE tokenizer with Qwen's special tokens, chat template, normalizer and pre-tokenizer (those
+    transformers >= 5 rebuilds for a Qwen2Tokenizer whatever tokenizer.json says); returns its vocab size."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])

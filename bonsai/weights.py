@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from . import layouts
-from .config import TextEncoderConfig, TransformerConfig, VAEConfig, mlx_quantization, read_text_encoder_json
+from .config import (Qwen3Fields, TextEncoderConfig, TransformerConfig, VAEConfig, mlx_quantization,
+                     read_text_encoder_json)
 from .errors import BonsaiFileNotFoundError, BonsaiValueError
-from .files import load_torch_file, one_line
+from .files import load_torch_file
 from .files import read_safetensors as _read_safetensors
 from .layouts import GROUP_SIZE, Kind, dense_tensors, lowbit_linears, pack_sizes  # noqa: F401 (re-exported)
 from .quant.qwen4bit import hqq_to_dense, mlx4_to_dense
@@ -76,14 +77,13 @@ def find_text_encoder(folder: str | Path) -> tuple[str, Path]:
 
 def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torch.dtype = torch.float32,
                       packed: bool = False, device=None):
-    """-> (transformers Qwen3Config, dense Qwen3ForCausalLM state dict) from any released text-encoder folder.
+    """-> (Qwen3Fields, dense Qwen3ForCausalLM state dict) from any released text-encoder folder.
 
     layers: keep only decoder layers [0, layers) (the features need 27 of 36); the config says so too.
     packed: the HQQ pack's linears stay `Int4Weight` (the other formats are always dense), on `device`.
     """
     fmt, path = layouts.find_text_encoder(folder)
     cfg, quant = read_text_encoder_json(path / "config.json")
-    cfg.pop("architectures", None)
     n_total = cfg["num_hidden_layers"]
     n = n_total if layers is None else int(layers)
     if not 0 < n <= n_total:
@@ -119,7 +119,7 @@ def read_text_encoder(folder: str | Path, layers: int | None = None, dtype: torc
     for key in ("model.embed_tokens.weight", "model.norm.weight", f"model.layers.{n - 1}.input_layernorm.weight"):
         if key not in state:
             raise BonsaiValueError(f"{file}: text encoder misses {key}")
-    return qwen3_config(cfg, n, path / "config.json"), state
+    return Qwen3Fields.from_dict(cfg, str(path / "config.json")).first_layers(n), state
 
 
 def _layer_index(key: str) -> int:
@@ -143,19 +143,6 @@ def text_encoder_config(folder: str | Path) -> TextEncoderConfig:
     return TextEncoderConfig.from_dict({"num_hidden_layers": cfg.get("num_hidden_layers"),
                                         **{k: cfg[k] for k in ("feature_layers", "max_length") if k in cfg}},
                                        str(path / "config.json"))
-
-
-def qwen3_config(cfg: dict, layers: int, source="text encoder config"):
-    """A transformers Qwen3Config of the first `layers` decoder layers."""
-    import transformers
-
-    cfg = {**{k: v for k, v in cfg.items() if k not in ("feature_layers", "max_length")}, "num_hidden_layers": layers}
-    if cfg.get("layer_types"):
-        cfg["layer_types"] = cfg["layer_types"][:layers]
-    try:
-        return transformers.Qwen3Config(**cfg)
-    except Exception as e:  # a key transformers checks and bonsai does not; its errors have many types
-        raise BonsaiValueError(f"{source}: not a Qwen3 config ({one_line(e)})") from None
 
 
 VAE_FILE = "vae/diffusion_pytorch_model.safetensors"

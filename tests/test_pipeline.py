@@ -23,7 +23,7 @@ def pipe(repo):
 
 def _diffusers_pipeline(repo):
     diffusers = pytest.importorskip("diffusers")
-    from transformers import AutoTokenizer, Qwen3ForCausalLM
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     tw = weights.read_transformer(repo)
     dense = {k: v.dequantize(torch.float32) if isinstance(v, LowBitWeight) else v.float() for k, v in tw.tensors.items()}
@@ -33,7 +33,7 @@ def _diffusers_pipeline(repo):
         "guidance_embeds")})
     transformer.load_state_dict(dense, strict=True)
     te_config, te_state = weights.read_text_encoder(repo)
-    text_encoder = Qwen3ForCausalLM(te_config)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(**te_config.to_dict()))  # bonsai's config is not transformers'
     missing, unexpected = text_encoder.load_state_dict({k: v.float() for k, v in te_state.items()}, strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     vae = diffusers.AutoencoderKLFlux2.from_pretrained(repo / "vae", torch_dtype=torch.float32)

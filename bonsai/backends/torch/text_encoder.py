@@ -1,11 +1,18 @@
-"""The Qwen3 text encoder through transformers, cut to the layers the features need."""
+"""The Qwen3 text encoder in plain torch, cut to the layers the features need.
+
+The arithmetic is transformers' Qwen3Model (sdpa attention), which the tests compare against: RMSNorm in float32
+cast back before the weight, default RoPE (inv_freq in float32 on the CPU, cos/sin cast to the activations'
+dtype, rotate_half), grouped-query attention with the causal AND key-padding mask, positions arange(S) (pads keep
+their slots), SiLU-gated MLP. Attribute names are the checkpoint's `model.*` keys.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ...config import TextEncoderConfig
+from ...config import Qwen3Fields, TextEncoderConfig
 from ...errors import BonsaiValueError
 from ...prompt import stack_features
 from ...state import check_state
@@ -13,27 +20,128 @@ from ...state import check_state
 FEATURE_LAYERS = TextEncoderConfig.feature_layers  # the dataclass default: klein's (9, 18, 27)
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(config: Qwen3Fields) -> torch.Tensor:
+    """[head_dim / 2] float32, computed on the CPU as transformers does."""
+    d = config.head_dim
+    return 1.0 / (config.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Qwen3Fields):
+        super().__init__()
+        bias = bool(c.attention_bias)
+        self.head_dim, self.n_rep = c.head_dim, c.num_attention_heads // c.num_key_value_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        shape = (B, S, -1, self.head_dim)  # -> [B, heads, S, head_dim] after the transpose
+        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # with a mask, transformers repeats the kv heads rather than use SDPA's enable_gqa (CUDA's math fallback)
+        k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Qwen3Fields):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: Qwen3Fields):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3TextEncoder(nn.Module):
+    """`model.*` of Qwen3ForCausalLM without the final norm: embed_tokens + the first n decoder layers."""
+
+    def __init__(self, config: Qwen3Fields, n_layers: int, device=None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(n_layers))
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(device or "cpu"), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers=FEATURE_LAYERS) -> dict:
+        """-> {i: the output of decoder layer i (1-based; 0: the embeddings)} for i in layers."""
+        if max(layers) > len(self.layers):
+            raise BonsaiValueError(f"layers {tuple(layers)} need {max(layers)} decoder layers; {len(self.layers)} "
+                                   "loaded")
+        S = input_ids.shape[1]
+        h = self.embed_tokens(input_ids)
+        freqs = torch.arange(S, device=h.device, dtype=torch.float32)[:, None] * self.inv_freq.float()  # [S, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()
+        mask = causal & attention_mask.bool()[:, None, None, :]  # [B, 1, S, S]: True attends
+        out = {0: h} if 0 in layers else {}
+        for i, layer in enumerate(self.layers[: max(layers)], start=1):
+            h = layer(h, cos, sin, mask)
+            if i in layers:
+                out[i] = h
+        return out
+
+
 def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = torch.float32, layers=FEATURE_LAYERS,
-                      make_linear=None, source="text encoder"):
-    """A transformers Qwen3Model with decoder layers [0, max(layers)) from a Qwen3ForCausalLM state dict.
+                      make_linear=None, source="text encoder") -> Qwen3TextEncoder:
+    """A Qwen3TextEncoder with decoder layers [0, max(layers)) from a Qwen3ForCausalLM state dict.
 
-    Values that are not tensors (packed `Int4Weight` linears) become `make_linear(weight, device=, dtype=)`.
-    Strict (`bonsai.state.check_state`, naming `source`, the file the state came from).
+    config: `Qwen3Fields` (as `bonsai.weights.read_text_encoder` returns it), a config.json dict, or an object
+    with `to_dict()` (a transformers Qwen3Config). Values that are not tensors (packed `Int4Weight` linears)
+    become `make_linear(weight, device=, dtype=)`. Strict (`bonsai.state.check_state`, naming `source`, the file
+    the state came from).
     """
-    import transformers
-
-    from ...weights import qwen3_config
-
+    if not isinstance(config, Qwen3Fields):
+        config = Qwen3Fields.from_dict(config if isinstance(config, dict) else config.to_dict(), source)
     n = max(layers)
     if config.num_hidden_layers < n:
         raise BonsaiValueError(f"{source}: text encoder has {config.num_hidden_layers} layers, features need {n}")
-    config = qwen3_config(config.to_dict(), n)
-    config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = transformers.Qwen3Model(config)
+        model = Qwen3TextEncoder(config.first_layers(n), n, device=device)
     prefix = "model."
     wanted = {k.removeprefix(prefix): v for k, v in state.items()
-              if k.startswith(prefix) and not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)}
+              if k.startswith(prefix) and not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)
+              and k != "model.norm.weight"}  # the features are the raw layer outputs: no final norm
     check_state(source, {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in wanted.items()})
     packed = {k: v for k, v in wanted.items() if not isinstance(v, torch.Tensor)}
     if packed and make_linear is None:
@@ -48,14 +156,11 @@ def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = to
     replaced = tuple(k.removesuffix("weight") for k in packed)
     if result.unexpected_keys or any(not k.startswith(replaced) for k in result.missing_keys):
         raise BonsaiValueError(f"{source}: state dict did not load: {result}")
-    # hidden_states[-1] is the final-normed output; the features want the raw output of the last layer kept.
-    model.norm = nn.Identity()
-    model.rotary_emb = type(model.rotary_emb)(config=config).to(device)  # its buffers were built on meta
     return model.eval().requires_grad_(False)
 
 
 @torch.inference_mode()
-def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers=FEATURE_LAYERS) -> torch.Tensor:
+def encode(model: Qwen3TextEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           layers=FEATURE_LAYERS) -> torch.Tensor:
     """int64 [B, S] ids and mask -> features [B, S, len(layers) * hidden]."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
-    return stack_features(out.hidden_states, layers)
+    return stack_features(model(input_ids, attention_mask, layers), layers)
