@@ -1,4 +1,6 @@
-"""The `bonsai` console script, run as a subprocess on a tiny synthetic repo, as a user would."""
+"""The `bonsai` console script on a tiny synthetic repo: run as a subprocess, as a user would, where the process
+matters (a whole render, the parser's exit status); its `main` in this process for the rest (each subprocess pays
+the ~5 s import of torch and transformers again)."""
 
 import json
 import subprocess
@@ -22,6 +24,19 @@ def bonsai_cli(*args, cwd=None):
                           cwd=cwd, timeout=600)
 
 
+def bonsai_main(capsys, *args):
+    """`bonsai ARGS` through `bonsai.cli.main` in this process: a CompletedProcess as `bonsai_cli` returns."""
+    from bonsai.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's errors and --help
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def test_generate_writes_png_with_metadata(repo, tmp_path):
     out = tmp_path / "img.png"
     r = bonsai_cli("generate", "-p", "a small boat", "--model", repo, "--backend", "torch", "--size", "80x48",
@@ -41,7 +56,7 @@ def test_generate_bad_size_is_a_clear_error(repo, tmp_path):
     assert "multiple of 16" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_batch_reports_failures_per_line(repo, tmp_path):
+def test_batch_reports_failures_per_line(repo, tmp_path, capsys):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join([
         json.dumps({"prompt": "a kite", "size": "32x32", "seed": 1, "steps": 1, "out": "kite.png"}),
@@ -49,7 +64,7 @@ def test_batch_reports_failures_per_line(repo, tmp_path):
         "not json",
         json.dumps({"prompt": "a moon", "aspect": "2:1", "long_edge": 64, "steps": 1}),
     ]))
-    r = bonsai_cli("batch", jobs, "--model", repo, "--backend", "torch", "--out", tmp_path / "out")
+    r = bonsai_main(capsys, "batch", jobs, "--model", repo, "--backend", "torch", "--out", tmp_path / "out")
     assert r.returncode == 1
     assert "line 2: FAILED" in r.stderr and "line 3: FAILED" in r.stderr
     assert Image.open(tmp_path / "out" / "kite.png").size == (32, 32)
@@ -57,15 +72,15 @@ def test_batch_reports_failures_per_line(repo, tmp_path):
     assert "2 done, 2 failed" in r.stderr
 
 
-def test_info_and_convert(repo, tmp_path):
-    r = bonsai_cli("info", repo)
+def test_info_and_convert(repo, tmp_path, capsys):
+    r = bonsai_main(capsys, "info", repo)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["kind"] == "binary" and info["layout"] == "mlx"
     dst = tmp_path / "compact"
-    r = bonsai_cli("convert", repo, dst, "--to", "compact")
+    r = bonsai_main(capsys, "convert", repo, dst, "--to", "compact")
     assert r.returncode == 0, r.stderr
-    info = json.loads(bonsai_cli("info", dst).stdout)
+    info = json.loads(bonsai_main(capsys, "info", dst).stdout)
     assert info["kind"] == "binary" and info["layout"] == "compact"
 
 

@@ -1,8 +1,7 @@
-"""`bonsai generate` with --lora, --image, --init-image and --strength, as a user runs it."""
+"""`bonsai generate` with --lora, --image, --init-image and --strength, through the CLI's `main` (test_cli runs the
+console script as a process)."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,14 +9,10 @@ import torch
 from PIL import Image
 
 from bonsai import testing
+from test_cli import bonsai_main
 
 pytest.importorskip("peft")
 pytest.importorskip("diffusers")
-
-
-def bonsai_cli(*args):
-    return subprocess.run([sys.executable, "-m", "bonsai.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +20,7 @@ def repo(tmp_path_factory):
     return testing.write_repo(tmp_path_factory.mktemp("cli-img") / "tiny", layout="gemlite", seed=2)
 
 
-def test_generate_with_lora_image_and_init_image(repo, tmp_path):
+def test_generate_with_lora_image_and_init_image(repo, tmp_path, capsys):
     from test_lora_images_render import write_peft_lora
     from test_pipeline import _diffusers_pipeline
 
@@ -36,7 +31,7 @@ def test_generate_with_lora_image_and_init_image(repo, tmp_path):
     outs = {}
     for name, extra in {"plain": ["--size", "80x64"], "lora": ["--size", "80x64", "--lora", f"{lora}:0.5"],
                         "edit": ["--image", ref], "img2img": ["--init-image", ref, "--strength", "0.5"]}.items():
-        r = bonsai_cli("generate", *common, *extra, "--out", tmp_path / f"{name}.png")
+        r = bonsai_main(capsys, "generate", *common, *extra, "--out", tmp_path / f"{name}.png")
         assert r.returncode == 0, r.stderr
         outs[name] = Image.open(tmp_path / f"{name}.png")
         assert outs[name].size == (80, 64)
@@ -48,15 +43,15 @@ def test_generate_with_lora_image_and_init_image(repo, tmp_path):
         assert np.abs(np.asarray(outs[name]).astype(int) - plain).max() > 2, name
 
 
-def test_image_argument_errors_come_before_loading(tmp_path):
+def test_image_argument_errors_come_before_loading(tmp_path, capsys):
     for extra, match in [(["--image", tmp_path / "none.png"], "--image: no such file"),
                          (["--strength", "0.5"], "--strength applies"),
                          (["--lora", "x:nan"], "scale")]:
-        r = bonsai_cli("generate", "-p", "x", "--model", "prism-ml/none-gemlite", *extra)
+        r = bonsai_main(capsys, "generate", "-p", "x", "--model", "prism-ml/none-gemlite", *extra)
         assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_lora_flag_on_batch_and_serve(repo, tmp_path):
+def test_lora_flag_on_batch_and_serve(repo, tmp_path, capsys):
     from test_lora_images_render import write_peft_lora
     from test_pipeline import _diffusers_pipeline
 
@@ -64,10 +59,10 @@ def test_lora_flag_on_batch_and_serve(repo, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "a boat", "size": "64x64", "seed": 4, "out": "boat.png"}\n')
     for extra, name in (([], "plain"), (["--lora", f"{lora}:0.5"], "lora")):
-        r = bonsai_cli("batch", jobs, "--model", repo, "--backend", "torch", "--dtype", "float32", "-q", *extra,
-                       "--out", tmp_path / name)
+        r = bonsai_main(capsys, "batch", jobs, "--model", repo, "--backend", "torch", "--dtype", "float32", "-q",
+                        *extra, "--out", tmp_path / name)
         assert r.returncode == 0, r.stderr
     a, b = (np.asarray(Image.open(tmp_path / n / "boat.png")).astype(int) for n in ("plain", "lora"))
     assert np.abs(a - b).max() > 2  # the batch rendered with the LoRA
-    r = bonsai_cli("serve", "--model", repo, "--lora", "x:inf")
+    r = bonsai_main(capsys, "serve", "--model", repo, "--lora", "x:inf")
     assert r.returncode == 2 and "scale" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,8 +1,9 @@
 """bonsai.distributed on a local Ray runtime (2 CPUs, started once here): the same files and pixels as the
 single-process batch, bad lines reported, resumable, a worker that dies mid-batch loses nothing."""
 
+import contextlib
+import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 import bonsai
-from bonsai import jobs, testing
+from bonsai import cli, jobs, testing
 
 ray = pytest.importorskip("ray")
 from bonsai import distributed  # noqa: E402
@@ -55,15 +56,21 @@ def jobs_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(repo, jobs_file, tmp_path_factory):
-    """The single-process `bonsai batch` of the same file, with one torch thread as each worker has (Ray sets
-    OMP_NUM_THREADS to a worker's CPUs): the reference folder, pixel for pixel."""
+    """The single-process `bonsai batch` of the same file (its `main`, in this process), with one torch thread as
+    each worker has (Ray sets OMP_NUM_THREADS to a worker's CPUs): the reference folder, pixel for pixel."""
+    import torch
+
     out = tmp_path_factory.mktemp("single")
-    r = subprocess.run([sys.executable, "-m", "bonsai.cli", "batch", str(jobs_file), "--model", str(repo),
-                        "--backend", "torch", "--dtype", "float32", "--out", str(out), "--batch-size", str(BATCH),
-                        "-q"], capture_output=True, text=True, timeout=TIMEOUT_S,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 1 and "line 4: FAILED: not valid JSON" in r.stderr and "8 done, 1 failed" in r.stderr, \
-        r.stderr[-2000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = cli.main(["batch", str(jobs_file), "--model", str(repo), "--backend", "torch", "--dtype", "float32",
+                             "--out", str(out), "--batch-size", str(BATCH), "-q"])
+    finally:
+        torch.set_num_threads(threads)
+    err = err.getvalue()
+    assert code == 1 and "line 4: FAILED: not valid JSON" in err and "8 done, 1 failed" in err, err[-2000:]
     return out
 
 

@@ -641,17 +641,19 @@ def test_cli_serve_with_env_api_key_and_ctrl_c(repo):
     assert "Traceback" not in err
 
 
-def test_cli_serve_checks_arguments_before_loading(tmp_path):
+def test_cli_serve_checks_arguments_before_loading(tmp_path, capsys):
+    from test_cli import bonsai_main  # in this process: the Ctrl-C test above runs the console script
+
     for args, words in ((["--warmup", "100x64"], "multiple of 16"), (["--max-batch", "0"], "max_batch"),
                         (["--port", "70000"], "--port")):
-        r = subprocess.run([sys.executable, "-m", "bonsai.cli", "serve", "--model", str(tmp_path / "absent"),
-                            "--backend", "torch", *args], capture_output=True, text=True, timeout=WAIT_S)
+        r = bonsai_main(capsys, "serve", "--model", tmp_path / "absent", "--backend", "torch", *args)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_cli_serve_exits_when_the_model_does_not_load(tmp_path):
+def test_cli_serve_exits_when_the_model_does_not_load(tmp_path, capsys):
+    from test_cli import bonsai_main
+
     (tmp_path / "empty").mkdir()
-    r = subprocess.run([sys.executable, "-m", "bonsai.cli", "serve", "--model", str(tmp_path / "empty"), "--backend",
-                        "torch", "--port", "0"], capture_output=True, text=True, timeout=WAIT_S)
+    r = bonsai_main(capsys, "serve", "--model", tmp_path / "empty", "--backend", "torch", "--port", "0")
     assert r.returncode == 2 and "the model failed to load" in r.stderr and "empty" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ the fused GEMM and the fp8 path equal matmuls built in the test."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-# Runs in a child process: TRITON_INTERPRET must be set before triton is first imported.
+# Run in a child process: TRITON_INTERPRET must be set before triton is first imported.
 SCRIPT = textwrap.dedent(
     """
     import numpy as np, torch
@@ -161,33 +162,66 @@ LAYER_SCRIPT = textwrap.dedent(
 )
 
 
-def run_interpreted(script: str, *args: str) -> str:
+NUMPY_OK = tuple(int(v) for v in np.__version__.split(".")[:2]) < (2, 3)
+NUMPY_REASON = ("Triton 3.6's interpreter cannot run loops over runtime scalars with numpy >= 2.3 "
+                "(CI pins numpy<2.3)")
+SCRIPTS = {"expand": (SCRIPT, []), "gemm": (GEMM_SCRIPT, []), "layers": (LAYER_SCRIPT, ["expand"]),
+           "layers-fused": (LAYER_SCRIPT, ["fused"])}
+NEEDS_NUMPY_OK = {"gemm", "layers-fused"}
+
+# Runs each script as `python -c SCRIPT ARGS` would, in a fresh namespace, and prints {name: stdout or traceback}.
+RUNNER = textwrap.dedent(
+    """
+    import contextlib, io, json, sys, traceback
+
+    results = {}
+    for name, (script, args) in json.load(sys.stdin).items():
+        sys.argv = ["-c", *args]
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                exec(compile(script, f"<{name}>", "exec"), {"__name__": "__main__"})
+            results[name] = {"ok": True, "stdout": out.getvalue()}
+        except BaseException:
+            results[name] = {"ok": False, "stdout": out.getvalue(), "error": traceback.format_exc()[-3000:]}
+    print(json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """Every script that can run here, in one interpreted child process (each child pays the ~1.5 s import of
+    torch and triton): name -> its stdout. Each test asserts on its own script's result."""
+    scripts = {k: v for k, v in SCRIPTS.items() if NUMPY_OK or k not in NEEDS_NUMPY_OK}
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(scripts), env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_expand_kernel_in_interpreter():
-    assert run_interpreted(SCRIPT).startswith("OK 16")
+def run_interpreted(interpreted: dict, name: str) -> str:
+    result = interpreted[name]
+    assert result["ok"], result["error"]
+    return result["stdout"]
 
 
-@pytest.mark.skipif(tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3),
-                    reason="Triton 3.6's interpreter cannot run loops over runtime scalars with numpy >= 2.3 "
-                           "(CI pins numpy<2.3)")
-def test_fused_and_fp8_gemm_in_interpreter():
-    assert run_interpreted(GEMM_SCRIPT).startswith("OK 16")
+def test_expand_kernel_in_interpreter(interpreted):
+    assert run_interpreted(interpreted, "expand").startswith("OK 16")
 
 
-def test_fast_layers_in_interpreter():
-    assert run_interpreted(LAYER_SCRIPT, "expand").startswith("OK 3")
+@pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)
+def test_fused_and_fp8_gemm_in_interpreter(interpreted):
+    assert run_interpreted(interpreted, "gemm").startswith("OK 16")
 
 
-@pytest.mark.skipif(tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 3),
-                    reason="Triton 3.6's interpreter cannot run loops over runtime scalars with numpy >= 2.3 "
-                           "(CI pins numpy<2.3)")
-def test_fast_layers_fused_choice_in_interpreter():
-    assert run_interpreted(LAYER_SCRIPT, "fused").startswith("OK 4")
+def test_fast_layers_in_interpreter(interpreted):
+    assert run_interpreted(interpreted, "layers").startswith("OK 3")
+
+
+@pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)
+def test_fast_layers_fused_choice_in_interpreter(interpreted):
+    assert run_interpreted(interpreted, "layers-fused").startswith("OK 4")
