@@ -215,8 +215,8 @@ def test_shared_across_threads_and_deepcopy(tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "cuda"])
 def test_render_imports_no_transformers(tmp_path, backend):
-    """import bonsai + from_pretrained + one render, in a fresh process: transformers (and its sklearn, ...)
-    never loads."""
+    """import bonsai + from_pretrained + one render, in a fresh process: transformers (and its sklearn, ...) never
+    loads, nor torch._dynamo / sympy (seconds of a cold start each, pulled in by a random init on meta tensors)."""
     if backend == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     repo = testing.write_repo(tmp_path / "repo", layout="gemlite", kind="ternary", seed=1)
@@ -224,7 +224,8 @@ def test_render_imports_no_transformers(tmp_path, backend):
             f"pipe = bonsai.Pipeline.from_pretrained({str(repo)!r}, backend={backend!r})\n"
             "image = pipe('a red fox', width=64, height=64, seed=1, progress=False).image\n"
             "assert image.size == (64, 64)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'sklearn')))\n")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'sklearn', 'sympy')\n"
+            "             or m.startswith('torch._dynamo')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
