@@ -8,7 +8,6 @@ the bad job fails. Nothing here knows HTTP: the app maps the exceptions below to
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -116,7 +115,6 @@ class Engine:
         self._abort = False  # close()'s deadline passed: running jobs fail with Unavailable
         self._stopped = False
         self._pipe = None
-        self._tokenizer = None  # a copy for request checks: HF fast tokenizers are not safe across threads
         self._batch_s: float | None = None
         self._thread = threading.Thread(target=self._main, name="bonsai-engine", daemon=True)
 
@@ -151,7 +149,7 @@ class Engine:
     def check_prompt(self, full_prompt: str) -> None:
         """Raises BonsaiValueError if the prompt (style applied) is longer than the text encoder reads."""
         pipe = self._require_ready()
-        tokenize(self._tokenizer, [full_prompt], pipe.text_config.max_length)
+        tokenize(pipe.tokenizer, [full_prompt], pipe.text_config.max_length)  # bonsai's tokenizer is thread-safe
 
     # --- jobs ---
 
@@ -218,7 +216,6 @@ class Engine:
     def _main(self) -> None:
         try:
             pipe = self._load()
-            tokenizer = copy.deepcopy(pipe.tokenizer)
         except Exception as e:  # noqa: BLE001 - any load failure is reported on /healthz and by the CLI
             message = f"{type(e).__name__}: {e}".splitlines()[0]
             log.error("model load failed: %s", message)
@@ -230,7 +227,7 @@ class Engine:
                 self._on_failed(message)
             return
         with self._cond:
-            self._pipe, self._tokenizer, self._state = pipe, tokenizer, "ready"
+            self._pipe, self._state = pipe, "ready"
             self._cond.notify_all()
         self.metrics.ready.set(1)
         log.info("model ready: %s (%s, %s)", pipe.model, pipe.variant, pipe.backend)
