@@ -43,9 +43,6 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise BonsaiValueError(f"{source}: chat template does not compile ({one_line(e)})") from None
 
-    def __deepcopy__(self, memo):
-        return self  # immutable and thread-safe (see the class docstring): a copy would add nothing
-
     def _pad_id(self) -> int:
         pad = self.special_tokens.get("pad_token")
         if pad is None:
