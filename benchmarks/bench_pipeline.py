@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import PROMPTS, full_size_repo, header, median, new_result, sync, write_results
 
-IMPLS = {"ours": {}, "ours_fp8": {"activations": "fp8"},
+IMPLS = {"ours": {}, "ours_fp8": {"activations": "fp8"}, "ours_compile": {"compile": True},
          "dense_bf16": {"linear": "dense"}, "gemlite": {"linear": "gemlite"}}
 
 
@@ -270,7 +270,7 @@ def main(argv=None):
     p.add_argument("--sections", default="load,e2e,batch,lowvram,lora,peer")
     p.add_argument("--layouts", default="gemlite,mlx,compact,unpacked")
     p.add_argument("--kinds", default="ternary,binary")
-    p.add_argument("--impls", default="ours,ours_fp8,dense_bf16,gemlite")
+    p.add_argument("--impls", default="ours,ours_fp8,ours_compile,dense_bf16,gemlite")
     p.add_argument("--sizes", default="512,1024")
     p.add_argument("--repo", default="ternary-gemlite", help="the repo of the e2e/batch/lowvram/lora sections")
     args = p.parse_args(argv)
