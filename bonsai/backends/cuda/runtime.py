@@ -122,9 +122,9 @@ class CudaRuntime(TorchRuntime):
         (expanded per layer for cuBLAS); "dense" dequantizes them to bf16 (the other packs are always dense).
         keep_text_encoder: "auto" keeps the text encoder on the GPU between prompts while the render has room
         next to it (else it moves to pinned host memory and comes back without a disk read); True / False.
-        memory: "low" (for 6-8 GB cards: the text encoder and the transformer (our linears) never on the device at once (each
-        waits in pinned host memory while the other runs), tiled VAE decode, no CUDA graphs), "normal", or "auto"
-        (low below 12 GB of device memory).
+        memory: "low" (for 6-8 GB cards: the text encoder and the transformer (our linears) take turns on the
+        device, each waiting in pinned host memory while the other runs; tiled VAE decode; no CUDA graphs),
+        "normal", or "auto" (low below 12 GB of device memory).
 
         With "gemlite", a released gemlite repo loads as stored and its `gemlite_autotune.json` is honoured;
         tuned configs are persisted per GPU model under the user cache (`autotune_file` overrides the path).
@@ -190,7 +190,8 @@ class CudaRuntime(TorchRuntime):
         load_te = text_encoder_loader(folder, text_config, device, dtype,
                                       functools.partial(FastInt4Linear, workspace=workspace) if packed_te else None)
         te = LazyModel(load_te, keep=not low and keep_text_encoder is not False, free=torch.cuda.empty_cache,
-                       offload=functools.partial(_to_pinned_host, refresh=False), restore=lambda host: _to_device(host, device))
+                       offload=functools.partial(_to_pinned_host, refresh=False),
+                       restore=lambda host: _to_device(host, device))
         return cls(transformer, vae, te, text_config, device, dtype, vae_encoder_loader(folder, device, dtype),
                    linear=linear, activations=activations,
                    memory=memory, cuda_graphs=not low if cuda_graphs is None else bool(cuda_graphs),
