@@ -301,9 +301,9 @@ class TextEncoderConfig(FileConfig):
 
 @dataclass(frozen=True)
 class Qwen3Fields(FileConfig):
-    """The values of a Qwen3 text encoder's config.json that bonsai (the torch encoder) and mlx-lm read, checked.
-    A default of None stands for an absent key (the library's default applies); only the `| None` fields may be
-    null in the file."""
+    """The values of a Qwen3 text encoder's config.json that bonsai's torch and MLX encoders read, checked. A
+    default of None stands for an absent key (the default applies); only the `| None` fields may be null in the
+    file."""
 
     SOURCE: ClassVar[str] = "text encoder config"
 
@@ -366,7 +366,7 @@ class Qwen3Fields(FileConfig):
         return dataclasses.replace(self, num_hidden_layers=n, layer_types=types)
 
     def to_dict(self) -> dict:
-        """The fields the file set, rope_theta resolved: a config dict for mlx-lm (or transformers, in tests)."""
+        """The fields the file set, rope_theta resolved: a config dict (for transformers, in tests)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
         return {**d, **({"layer_types": list(self.layer_types)} if self.layer_types else {}), "rope_theta": self.theta}
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 pytest.importorskip("mlx.core")
-pytest.importorskip("mlx_lm")
 
 import bonsai  # noqa: E402
 from bonsai import testing  # noqa: E402

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 mx = pytest.importorskip("mlx.core")
-pytest.importorskip("mlx_lm")
 pytest.importorskip("diffusers")
 
 import test_mlx_text_encoder as te_case  # noqa: E402

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 mx = pytest.importorskip("mlx.core")
-pytest.importorskip("mlx_lm")
 transformers = pytest.importorskip("transformers")
 
 from bonsai.backends.mlx import text_encoder as te  # noqa: E402

@@ -211,13 +211,16 @@ def test_shared_across_threads(tmp_path):
     assert not errors
 
 
-@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("backend", ["torch", "cuda", "mlx"])
 def test_render_imports_no_transformers(tmp_path, backend):
     """import bonsai + from_pretrained + one render, in a fresh process: transformers (and its sklearn, ...) never
     loads, nor torch._dynamo / sympy (seconds of a cold start each, pulled in by a random init on meta tensors)."""
     if backend == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    repo = testing.write_repo(tmp_path / "repo", layout="gemlite", kind="ternary", seed=1)
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    layout = "mlx" if backend == "mlx" else "gemlite"
+    repo = testing.write_repo(tmp_path / "repo", layout=layout, kind="ternary", seed=1)
     code = (f"import sys, bonsai\n"
             f"pipe = bonsai.Pipeline.from_pretrained({str(repo)!r}, backend={backend!r})\n"
             "image = pipe('a red fox', width=64, height=64, seed=1, progress=False).image\n"

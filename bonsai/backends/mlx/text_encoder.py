@@ -1,8 +1,10 @@
-"""Qwen3 text encoder in MLX (mlx-lm's Qwen3 blocks), truncated to the layers the features need.
+"""Qwen3 text encoder in MLX (the torch encoder's mirror, on mlx.nn blocks), truncated to the layers the features
+need.
 
 `text_encoder-mlx-4bit/` loads natively: its 4-bit g64 linears and embedding stay quantized
 (nn.QuantizedLinear / QuantizedEmbedding, chosen by the checkpoint's `.scales` keys). Other repos (HQQ) come
-dense through `bonsai.weights.read_text_encoder`.
+dense through `bonsai.weights.read_text_encoder`. Written here rather than taken from mlx-lm: importing mlx-lm
+imports transformers (0.8 s of a 2.7 s first image of a tiny repo in a new process on our CPU machine).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ...config import TextEncoderConfig, mlx_quantization, read_text_encoder_json
+from ...config import Qwen3Fields, TextEncoderConfig, mlx_quantization, read_text_encoder_json
 from ...layouts import TE_MLX
 from ...errors import BonsaiValueError
 from ...files import load_mlx
@@ -26,30 +28,68 @@ from .loading import check_quantizable, load_strict
 MLX_TE_DIR = TE_MLX.folder
 
 
-def _qwen3():
-    try:
-        from mlx_lm.models import qwen3
-    except ImportError:
-        raise ImportError("the MLX text encoder needs mlx-lm: pip install mlx-lm") from None
-    return qwen3
+class Attention(nn.Module):
+    def __init__(self, c: Qwen3Fields):
+        super().__init__()
+        bias = bool(c.attention_bias)
+        self.n_heads, self.n_kv_heads, self.scale = c.num_attention_heads, c.num_key_value_heads, c.head_dim**-0.5
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=bias)
+        self.q_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps)
+        self.rope = nn.RoPE(c.head_dim, traditional=False, base=c.theta)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        B, S, _ = x.shape
+        # [B, S, heads * d] -> [B, heads, S, d]
+        q = self.q_norm(self.q_proj(x).reshape(B, S, self.n_heads, -1)).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, S, self.n_kv_heads, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, S, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        out = mx.fast.scaled_dot_product_attention(self.rope(q), self.rope(k), v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: Qwen3Fields):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: Qwen3Fields):
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen3Body(nn.Module):
     """`model.*` of Qwen3ForCausalLM without the final norm: embed_tokens + the first n decoder layers."""
 
-    def __init__(self, args, n_layers: int):
+    def __init__(self, config: Qwen3Fields, n_layers: int):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [_qwen3().TransformerBlock(args) for _ in range(n_layers)]
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config) for _ in range(n_layers)]
 
 
 class Qwen3TextEncoder(nn.Module):
     """input_ids, attention_mask [B, S] -> hidden states after the requested decoder layers (1-based)."""
 
-    def __init__(self, args, n_layers: int):
+    def __init__(self, config: Qwen3Fields, n_layers: int):
         super().__init__()
-        self.args = args
-        self.model = Qwen3Body(args, n_layers)
+        self.model = Qwen3Body(config, n_layers)
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array, layers=DEFAULT_LAYERS) -> list[mx.array]:
         if max(layers) > len(self.model.layers):
@@ -65,17 +105,6 @@ class Qwen3TextEncoder(nn.Module):
             if i in layers:
                 out.append(h)
         return [out[sorted(layers).index(k)] for k in layers]
-
-
-def model_args(config: dict, source="text encoder config"):
-    """transformers Qwen3 config dict -> mlx-lm ModelArgs."""
-    config = {"model_type": "qwen3", "tie_word_embeddings": True, "max_position_embeddings": 40960, **config}
-    if "head_dim" not in config:
-        config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
-    try:
-        return _qwen3().ModelArgs.from_dict(config)
-    except (TypeError, KeyError, ValueError) as e:
-        raise BonsaiValueError(f"{source}: not a Qwen3 config for mlx-lm ({type(e).__name__}: {e})") from None
 
 
 def read_mlx_text_encoder(folder: str | Path, n_layers: int) -> tuple[dict, dict | None, dict[str, mx.array]]:
@@ -101,19 +130,20 @@ def _keep(key: str, n_layers: int) -> bool:
     return False  # final norm, lm_head and layers past the last feature layer are never used
 
 
-def load_text_encoder(config: dict, tensors: dict, quantization: dict | None = None, layers=DEFAULT_LAYERS,
+def load_text_encoder(config: Qwen3Fields | dict, tensors: dict, quantization: dict | None = None, layers=DEFAULT_LAYERS,
                       dtype="float16", source: str = "text encoder") -> Qwen3TextEncoder:
     """Build a Qwen3TextEncoder with max(layers) decoder layers; strict on the keys it needs.
 
-    tensors: `model.`-prefixed (or bare) keys -> mx/torch/numpy. Linears with `.scales` stay MLX-quantized.
+    config: `Qwen3Fields` or a config.json dict (checked as one). tensors: `model.`-prefixed (or bare) keys -> mx/torch/numpy. Linears with `.scales` stay MLX-quantized.
     """
     dtype = mx_dtype(dtype)
     n = max(layers)
     tensors = {k: to_mx(v) for k, v in with_model_prefix(tensors).items() if _keep(k, n)}
-    args = model_args(config, source)
-    if n > args.num_hidden_layers:
-        raise BonsaiValueError(f"{source}: layers {tuple(layers)} exceed num_hidden_layers={args.num_hidden_layers}")
-    model = Qwen3TextEncoder(args, n)
+    if not isinstance(config, Qwen3Fields):
+        config = Qwen3Fields.from_dict(config, source)
+    if n > config.num_hidden_layers:
+        raise BonsaiValueError(f"{source}: layers {tuple(layers)} exceed num_hidden_layers={config.num_hidden_layers}")
+    model = Qwen3TextEncoder(config, n)
     if any(k.endswith(".scales") for k in tensors):
         bits, group_size = mlx_quantization(quantization, f"{source}: config.json")
         check_quantizable(model, tensors, group_size, source)
@@ -134,7 +164,6 @@ def load_text_encoder_folder(folder: str | Path, layers=DEFAULT_LAYERS, dtype="f
     from ... import weights
 
     config, state = weights.read_text_encoder(folder, layers=n)
-    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return load_text_encoder(config, state, None, layers, dtype, source=str(folder))
 
 
