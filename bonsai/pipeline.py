@@ -24,7 +24,8 @@ from .backends import load_runtime, resolve
 from .config import SchedulerConfig, TextEncoderConfig, TransformerConfig
 from .errors import BonsaiValueError, Cancelled
 from .lora import read_lora
-from .prompt import load_tokenizer, tokenize
+from .prompt import tokenize
+from .tokenizer import load_tokenizer
 from .runtime import Runtime
 
 FEATURE_CACHE = 16  # prompts whose features are kept (bf16 klein: 7.9 MB each)

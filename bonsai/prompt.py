@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .errors import BonsaiValueError
-from .tokenizer import load_tokenizer  # noqa: F401 (re-exported)
 
 
 def format_prompt(tokenizer, prompt: str) -> str:

@@ -7,6 +7,7 @@ import torch
 from bonsai.errors import BonsaiValueError
 from bonsai import prompt, scheduler, sizes, testing, weights
 from bonsai.config import SchedulerConfig
+from bonsai.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("steps, seq_len", [(4, 1024), (4, 4096), (4, 4608), (1, 16), (8, 2304), (50, 6)])
@@ -34,7 +35,7 @@ def test_sigmas_of_the_spec_tables():
 def tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tok")
     testing.write_tokenizer(folder)
-    return prompt.load_tokenizer(folder)
+    return load_tokenizer(folder)
 
 
 def test_chat_template_and_padding(tokenizer):
