@@ -69,6 +69,34 @@ def test_batch_matches_single_images_in_bf16(pipes):
         assert diff.mean() < 2.0
 
 
+def test_kept_text_encoder_replays_graphs_equal_to_its_eager_forward(pipes):
+    """The kept text encoder replays one CUDA graph per [B, S]: its features equal the eager forward's for new
+    prompts (the static inputs refreshed), another batch size, and after the encoder left the GPU and came back
+    (the graphs of its old tensors dropped)."""
+    from bonsai.backends.torch.text_encoder import encode
+    from bonsai.prompt import tokenize
+
+    cuda, _ = pipes
+    rt = cuda.runtime
+    eager = {}
+
+    def check(prompts):
+        ids, mask = tokenize(cuda.tokenizer, prompts, rt.text_config.max_length)
+        got = rt.encode(ids, mask).float()
+        want = encode(rt.text_encoder.get(), ids.cuda(), mask.cuda(), rt.text_config.feature_layers).float()
+        eager[prompts] = want
+        assert ((got - want).norm() / want.norm()).item() < 1e-3, prompts
+
+    for prompts in (("a cat",), ("a dog on a red sofa",), ("a cat", "a dog on a red sofa")):
+        check(prompts)
+    assert set(rt._encoder_graphs) == {(1, rt.text_config.max_length), (2, rt.text_config.max_length)}
+    # different prompts give different features, so stale static inputs would have failed above
+    assert ((eager[("a cat",)] - eager[("a dog on a red sofa",)]).norm() / eager[("a cat",)].norm()).item() > 0.1
+    rt.text_encoder.release()  # to pinned host memory; its device tensors are new when it comes back
+    check(("a cow",))
+    assert set(rt._encoder_graphs) == {(1, rt.text_config.max_length)}
+
+
 def test_low_memory_mode_offloads_the_text_encoder_and_transformer(pipes, tmp_path):
     cuda, _ = pipes
     low = bonsai.Pipeline.from_pretrained(cuda.model, backend="cuda", memory="low")

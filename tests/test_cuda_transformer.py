@@ -207,7 +207,18 @@ def test_compiled_elementwise_matches_eager(activations):
                              ops=ops)
     y = run(model, args, dtype)
     assert torch.isfinite(y).all()
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-2
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    if activations is None:
+        assert rel(y, ref) < 1e-2
+    else:
+        # e4m3 keeps 3 mantissa bits: where the fused kernels round an activation differently in bf16, its fp8
+        # value can move a whole step, so compiled and eager fp8 differ by more than bf16 noise. Both must stay
+        # as close to the bf16 model as each other.
+        bf16 = run(load_transformer(tensors, cfg, device="cuda", dtype=dtype, make_linear=fast_linears("auto")),
+                   args, dtype)
+        print(f"fp8: compiled vs eager {rel(y, ref):.4f}; vs bf16: eager {rel(ref, bf16):.4f}, "
+              f"compiled {rel(y, bf16):.4f}")
+        assert rel(y, ref) < 5e-2 and rel(y, bf16) < 1.5 * rel(ref, bf16) + 1e-3
     assert torch.equal(run(model, args, dtype), y)  # replaying the compiled code is deterministic
 
 

@@ -18,6 +18,7 @@ from ...errors import BonsaiFileNotFoundError, BonsaiValueError
 from ..torch.linear import dense_linear
 from ..torch.runtime import (Cond, LazyModel, TorchRuntime, read_transformer, read_vae_decoder, text_encoder_loader,
                              vae_encoder_loader)
+from ..torch.text_encoder import encode as encode_text
 from ..torch.transformer import load_transformer
 from . import choice
 from ..torch.transformer import TORCH_OPS, Ops
@@ -104,6 +105,7 @@ class CudaRuntime(TorchRuntime):
         self.resident_gb = torch.cuda.memory_allocated(self.device) / 1e9
         self._graphs: dict[tuple, GraphedForward] = {}
         self._graph_pool = None
+        self._encoder_graphs: dict[tuple, GraphedEncoder] = {}  # valid while the text encoder stays resident
         # memory="low": the transformer waits in pinned host memory while the text encoder runs (gemlite's layers
         # keep device state outside their parameters, so they stay)
         self._offload_transformer = memory == "low" and linear != "gemlite"
@@ -130,7 +132,8 @@ class CudaRuntime(TorchRuntime):
         tuned configs are persisted per GPU model under the user cache (`autotune_file` overrides the path).
         Our per-shape GEMM choices are persisted next to them (`choice.cache_path()`).
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
-        ~1k small kernels per step); default on, off with memory="low". compile: torch.compile the elementwise
+        ~1k small kernels per step), and one text-encoder forward per prompt-batch shape while the encoder stays
+        on the GPU; default on, off with memory="low". compile: torch.compile the elementwise
         steps (modulation, RoPE + attention; the linears stay eager).
         """
         if not torch.cuda.is_available():
@@ -215,11 +218,30 @@ class CudaRuntime(TorchRuntime):
         finally:
             _to_device(self._transformer_host, self.device)
 
+    def text_encoder_call(self):
+        """With CUDA graphs and a kept text encoder: one graph per [B, S] replays its forward (eager, it is
+        launch-bound: tens of small kernels per layer for little GPU work)."""
+        if not (self.cuda_graphs and self.text_encoder.keep):
+            return super().text_encoder_call()
+        if not self.text_encoder.resident:
+            self._encoder_graphs.clear()  # captured against tensors that have gone since
+        model = self.text_encoder.get()
+
+        def run(ids, mask):
+            key = tuple(ids.shape)
+            if key not in self._encoder_graphs:
+                self._encoder_graphs[key] = GraphedEncoder(model, key, self.text_config.feature_layers, self.device)
+            return self._encoder_graphs[key](ids, mask)
+
+        return run
+
     @torch.inference_mode()
     def condition(self, features, img_ids, txt_ids, refs=None):
         """Eager: features and RoPE on the device. With CUDA graphs: the graph captured for these shapes (once,
         on first use), its static inputs set to this batch; valid until the next `condition` of the same shapes."""
         cond = super().condition(features, img_ids, txt_ids, refs)
+        if not self.text_encoder.resident:
+            self._encoder_graphs.clear()  # the text encoder made room for this render: its graphs' memory too
         if not self.cuda_graphs:
             return cond
         x_shape = (cond.features.shape[0], img_ids.shape[-2], self.transformer.config.in_channels)
@@ -264,8 +286,43 @@ class CudaRuntime(TorchRuntime):
         """Drop captured graphs, the shared expand scratch (re-made on the next call) and cached allocator blocks."""
         self._graphs.clear()
         self._graph_pool = None
+        self._encoder_graphs.clear()
         self.workspace.release()
         torch.cuda.empty_cache()
+
+
+def _capture(model, fn, device, pool=None):
+    """fn() (a forward of `model`) run once eagerly on a side stream, then captured -> (graph, its output, the
+    workspace buffers it was captured against)."""
+    # The eager run first: Triton JIT, GEMM choices, gemlite autotuning and the expand scratch all allocate or
+    # synchronize, which a capture must not do.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    # Kept alive by the caller, so that a workspace released or regrown later does not free them under the graph.
+    return graph, out, [buf for ws in workspaces(model) for buf in ws.buffers()]
+
+
+class GraphedEncoder:
+    """One CUDA graph of the resident text encoder for fixed [B, S]: `graphed(ids, mask)` -> features (a copy:
+    the graph's output is overwritten by the next replay)."""
+
+    def __init__(self, model, shape: tuple[int, int], layers, device):
+        self.ids = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.mask = torch.ones(shape, dtype=torch.int64, device=device)
+        self.graph, self.out, self.scratch = _capture(
+            model, lambda: encode_text(model, self.ids, self.mask, layers), device)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.mask.copy_(mask)
+        self.graph.replay()
+        return self.out.clone()
 
 
 class GraphedForward:
@@ -280,19 +337,8 @@ class GraphedForward:
         self.x = torch.randn(x_shape[0], self.n + n_refs, x_shape[2], device=device, dtype=dtype)
         self.t = torch.zeros(x_shape[0], device=device, dtype=dtype)
         self.features, self.rope = cond.features.clone(), cond.rope.clone()
-        # Eager warmup on a side stream first: Triton JIT, GEMM choices, gemlite autotuning and the expand scratch
-        # all allocate or synchronize, which a capture must not do.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            model(self.x, self.features, self.t, rope=self.rope)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = model(self.x, self.features, self.t, rope=self.rope)
-        # The kernels were captured against the workspaces' buffers: keep them alive even if a workspace is
-        # released or regrown later.
-        self.scratch = [buf for ws in workspaces(model) for buf in ws.buffers()]
+        self.graph, self.out, self.scratch = _capture(
+            model, lambda: model(self.x, self.features, self.t, rope=self.rope), device, pool)
 
     def set_context(self, cond: Cond) -> None:
         self.features.copy_(cond.features)

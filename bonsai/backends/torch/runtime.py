@@ -115,12 +115,17 @@ class TorchRuntime:
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """int64 [B, S] ids and mask -> features [B, S, len(feature_layers) * hidden] in the runtime dtype."""
         try:
-            model = self.text_encoder.get()
-            features = [encode_text(model, ids.to(self.device), mask.to(self.device), self.text_config.feature_layers)
+            run = self.text_encoder_call()
+            features = [run(ids.to(self.device), mask.to(self.device))
                         for ids, mask in zip(input_ids.split(ENCODE_BATCH), attention_mask.split(ENCODE_BATCH))]
         finally:
             self.text_encoder.done()
         return torch.cat(features).to(self.dtype)
+
+    def text_encoder_call(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The loaded text encoder as `run(ids, mask)` (int64 [B, S] on the device) -> features [B, S, D]."""
+        model = self.text_encoder.get()
+        return lambda ids, mask: encode_text(model, ids, mask, self.text_config.feature_layers)
 
     def latents(self, noise: torch.Tensor) -> torch.Tensor:
         return noise.to(self.device, self.dtype)
