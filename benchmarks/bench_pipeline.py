@@ -10,7 +10,8 @@ Sections (--sections, comma list):
            render runs the text encoder), stage times from Result.report, peak GPU memory
   batch    images/s of pipe(prompts, batch_size=N) for N = 1, 2, 4, 8, and the bf16 pixel difference of a batched
            image against the same image rendered alone
-  lowvram  memory="low": peak torch.cuda.max_memory_allocated of a 1024x1024 render, and its time
+  lowvram  memory="low": peak torch.cuda.max_memory_allocated of a 1024x1024 render, and its time; the defaults'
+           text encoder released to pinned host memory and brought back (seconds each way)
   lora     denoise time per step with a rank-16 and a rank-64 LoRA on all 109 linears vs none, at 1024x1024
   peer     diffusers' Flux2KleinPipeline, dense bf16, random weights of the real shapes built in memory
 Repos are written once by bonsai.testing.write_full_size_repo (random weights in the released layouts).
@@ -138,6 +139,25 @@ def bench_lowvram(repo, size=1024):
     print(f"lowvram {size}: first {first:.2f} s, warm {warm:.2f} s, peak allocated {row['peak_gb']:.2f} GB", flush=True)
     del pipe
     free()
+    # The defaults on a card without room for it: the text encoder waits in pinned host memory between prompts.
+    pipe = bonsai.Pipeline.from_pretrained(repo, backend="cuda", keep_text_encoder="auto")
+    render(pipe, PROMPTS[0], size)
+    te = pipe.runtime.text_encoder
+    offload, restore = [], []
+    for _ in range(3):
+        sync()
+        t0 = time.perf_counter()
+        te.release()
+        t1 = time.perf_counter()
+        te.get()
+        sync()
+        offload.append(t1 - t0)
+        restore.append(time.perf_counter() - t1)
+    row.update(te_first_offload_s=offload[0], te_offload_s=median(offload[1:]), te_restore_s=median(restore))
+    print(f"text encoder to pinned host memory: first {offload[0]:.3f} s (pins), then {row['te_offload_s']:.3f} s; "
+          f"back to the GPU {row['te_restore_s']:.3f} s", flush=True)
+    del pipe, te
+    free()
     return [row]
 
 
@@ -255,7 +275,10 @@ def markdown(result) -> str:
     if result.get("lowvram"):
         r = result["lowvram"][0]
         lines += ["", f"memory=\"low\" at {r['size']}²: peak allocated {r['peak_gb']:.2f} GB, first image "
-                  f"{r['first_s']:.2f} s, warm {r['warm_s']:.2f} s ({r['report']})."]
+                  f"{r['first_s']:.2f} s, warm {r['warm_s']:.2f} s ({r['report']}).", "",
+                  f"Text encoder released by the defaults (`keep_text_encoder=\"auto\"` without room): to pinned host "
+                  f"memory {r['te_first_offload_s']:.3f} s the first time (pinning), {r['te_offload_s']:.3f} s after; "
+                  f"back to the GPU {r['te_restore_s']:.3f} s (median of 3)."]
     if result.get("lora"):
         lines += ["", "LoRA on all 109 linears (low-rank branch beside the packed weights), 1024², denoise time / 4:",
                   "", "| rank | step | vs no LoRA |", "|---|---|---|"]
