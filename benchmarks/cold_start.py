@@ -43,7 +43,8 @@ pipe(f"a bonsai tree on a desk, studio light", width=size // 2, height=size // 2
 new_size = time.perf_counter() - t
 print(json.dumps(dict(import_s=t1 - t0, load_s=t2 - t1, first_image_s=times[0], second_image_s=times[1],
                       third_image_s=times[2], new_size_image_s=new_size, to_first_image_s=t2 - t0 + times[0],
-                      load_stages=dict(pipe.load_report, **pipe.runtime.load_report), first_report=reports[0], report=reports[-1],
+                      load_stages=dict(pipe.load_report, **pipe.runtime.load_report), first_report=reports[0],
+                      report=reports[-1],
                       peak_gb=torch.cuda.max_memory_allocated() / 1e9)))
 """
 
