@@ -81,7 +81,8 @@ def run_level(url: str, clients: int, args, first_seed: int) -> dict:
             while (i := take()) is not None:
                 seed = first_seed + i
                 prompt = "a bonsai tree on a desk" if args.same_prompt else f"a bonsai tree on a desk, variation {seed}"
-                body = {"prompt": prompt, "size": args.size, "steps": args.steps, "seed": seed, "n": args.n}
+                body = {"prompt": prompt, "size": args.size, "steps": args.steps, "seed": seed, "n": args.n,
+                        "output_format": args.output_format}
                 t0 = time.perf_counter()
                 try:
                     r = h.post(url + "/v1/images/generations", json=body, headers=args.headers)
@@ -179,6 +180,7 @@ def main() -> None:
     p.add_argument("--size", default="512x512")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--n", type=int, default=1, help="images per request")
+    p.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=64, help="most requests per concurrency level and repeat")
     p.add_argument("--repeat", type=int, default=1, help="run the levels in turn this many times (medians)")
@@ -259,7 +261,8 @@ def main() -> None:
         f"{health.get('variant')}, model {health.get('model')}; 1-minute load average {load_before:.2f} at the "
         f"start, {machine['load_average_1min']['end']:.2f} at the end.",
         "",
-        f"`bonsai serve` over loopback, {args.size}, {args.steps} steps, n={args.n}, --max-batch {args.max_batch}, "
+        f"`bonsai serve` over loopback, {args.size}, {args.steps} steps, n={args.n}, {args.output_format}, "
+        f"--max-batch {args.max_batch}, "
         f"--max-delay-ms {args.max_delay_ms:g}; each level: at most {args.requests} requests or {args.duration:g} s, "
         f"the levels run in turn {args.repeat} time(s) (req/s: the median over repeats; p50/p95: over all "
         "requests of the level); "

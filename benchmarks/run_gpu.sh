@@ -4,7 +4,7 @@
 #   bash benchmarks/run_gpu.sh setup tests-kernels  # test_cuda_linear + test_gemlite_layout -> $OUT/h200-tests-kernels.log
 #   bash benchmarks/run_gpu.sh tests                # the other CUDA tests -> $OUT/h200-tests.log
 #   bash benchmarks/run_gpu.sh cold pipeline        # h200-cold, h200-pipeline
-#   bash benchmarks/run_gpu.sh serve kernels        # h200-serve, h200-step (per-step kernel profile)
+#   bash benchmarks/run_gpu.sh serve kernels        # h200-serve(-jpeg), h200-step (per-step kernel profile)
 # Test logs are verbose (one line per test as it ends), so a run cut short still says what passed.
 # Wheels the GPU image lacks travel in .whl/ (git-ignored): diffusers, importlib_metadata, gemlite's sdist, and for
 # serve fastapi, opentelemetry_api, starlette, pydantic, pydantic_core, typing_inspection, annotated_types, uvicorn.
@@ -32,7 +32,9 @@ for step in "$@"; do
     serve)
       (cd benchmarks && python3 -c "from pathlib import Path; from common import full_size_repo
 full_size_repo(Path('$REPOS'), 'gemlite', 'ternary', device='cuda')" && timeout 200 python3 load_test.py --model $REPOS/ternary-gemlite --backend cuda \
-        --size 1024x1024 --requests 32 --duration 40 --out "$OUT/h200-serve" 2>&1 | tail -15) ;;
+        --size 1024x1024 --requests 32 --duration 40 --out "$OUT/h200-serve" 2>&1 | tail -15 \
+        && timeout 120 python3 load_test.py --model $REPOS/ternary-gemlite --backend cuda --size 1024x1024 \
+        --requests 16 --duration 30 --concurrency 1 4 --output-format jpeg --out "$OUT/h200-serve-jpeg" 2>&1 | tail -6) ;;
     kernels)
       (cd benchmarks && timeout 240 python3 bench_cuda.py --out "$OUT/h200-step" --sections step,profile \
         --step-kinds ternary --impls ours,dense_bf16 2>&1 | tail -30) ;;

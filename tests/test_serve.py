@@ -181,6 +181,36 @@ def test_url_response_serves_the_same_png(client):
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "image_id"
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_output_format_jpeg_and_webp(client, fmt):
+    """OpenAI's output_format / output_compression: the same render encoded as asked, served by url with its
+    content type; quality 100 by default."""
+    req = {"prompt": "a teapot", "size": "32x32", "steps": 1, "seed": 3}
+    png = pixels(decode(client.post("/v1/images/generations", json=req).json()["data"][0]["b64_json"]))
+    sizes_of = {}
+    for compression in (None, 10):
+        extra = {} if compression is None else {"output_compression": compression}
+        r = client.post("/v1/images/generations", json={**req, "output_format": fmt, **extra})
+        assert r.status_code == 200, r.text
+        b64 = r.json()["data"][0]["b64_json"]
+        img = decode(b64)
+        assert img.format == fmt.upper() and img.size == (32, 32)
+        diff = np.abs(pixels(img) - png).mean()
+        print(f"{fmt} output_compression={compression}: {len(base64.b64decode(b64))} bytes, mean diff {diff:.2f}")
+        sizes_of[compression] = len(base64.b64decode(b64))
+        if compression is None:
+            # WebP halves the chroma resolution; another seed's render differs by ~65 on average
+            assert diff < (2.0 if fmt == "jpeg" else 20.0)
+            default = base64.b64decode(b64)
+    assert sizes_of[10] < sizes_of[None]
+    url = client.post("/v1/images/generations", json={**req, "output_format": fmt, "response_format": "url"}
+                      ).json()["data"][0]["url"]
+    assert url.endswith("." + fmt)
+    got = client.get(url)
+    assert got.status_code == 200 and got.headers["content-type"] == f"image/{fmt}" and got.content == default
+    assert client.get(url.rsplit(".", 1)[0] + ".png").status_code == 404  # the id under another format
+
+
 def test_models_and_health(client):
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
@@ -214,6 +244,10 @@ BAD = [  # (body changes, status, field named, words in the message)
     ({"style": "vivid"}, 400, "style", "sketch"),
     ({"model": "dall-e-3"}, 400, "model", "tiny"),
     ({"response_format": "png"}, 422, "response_format", "response_format"),
+    ({"output_format": "gif"}, 422, "output_format", "output_format"),
+    ({"output_compression": 50}, 400, "output_compression", "png"),
+    ({"output_format": "jpeg", "output_compression": 101}, 400, "output_compression", "[0, 100]"),
+    ({"output_format": "webp", "output_compression": "50"}, 422, "output_compression", "integer"),
     ({"quality": "hd"}, 422, "quality", "unknown field"),
     ({"steps": "4"}, 422, "steps", "integer"),
     ({"n": 1.0}, 422, "n", "integer"),
@@ -546,6 +580,9 @@ def test_the_openai_client_speaks_to_it(live, pipe):
     assert len(r.data) == 2 and r.model_extra["bonsai"]["seeds"] == [11, 12]
     for i, item in enumerate(r.data):
         assert np.abs(pixels(decode(item.b64_json)) - reference(pipe, "a paper boat", 11 + i, 32, 32, 2)).max() <= TOL
+    jpeg = client.images.generate(model="tiny", prompt="a paper boat", size="32x32", output_format="jpeg",
+                                  output_compression=90, extra_body={"seed": 11, "steps": 2})
+    assert decode(jpeg.data[0].b64_json).format == "JPEG"
     with pytest.raises(openai.BadRequestError) as e:
         client.images.generate(model="tiny", prompt="a paper boat", size="33x32")
     assert e.value.body["param"] == "size"
