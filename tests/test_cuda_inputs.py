@@ -70,10 +70,9 @@ def test_batch_matches_single_images_in_bf16(pipes):
 
 
 def test_kept_text_encoder_replays_graphs_equal_to_its_eager_forward(pipes):
-    """The kept text encoder replays one CUDA graph per [B, S] (all in one memory pool): its features equal the
-    eager forward's for new prompts (the static inputs refreshed), another batch size, the first graph again after
-    the second was captured into its pool, and after the encoder left the GPU and came back (the graphs of its
-    old tensors dropped)."""
+    """The kept text encoder replays one CUDA graph per [B, S]: its features equal the eager forward's for new
+    prompts (the static inputs refreshed), another batch size, and after the encoder left the GPU and came back
+    (the graphs of its old tensors dropped)."""
     from bonsai.backends.torch.text_encoder import encode
     from bonsai.prompt import tokenize
 
@@ -88,7 +87,7 @@ def test_kept_text_encoder_replays_graphs_equal_to_its_eager_forward(pipes):
         eager[prompts] = want
         assert ((got - want).norm() / want.norm()).item() < 1e-3, prompts
 
-    for prompts in (("a cat",), ("a dog on a red sofa",), ("a cat", "a dog on a red sofa"), ("a cow on a hill",)):
+    for prompts in (("a cat",), ("a dog on a red sofa",), ("a cat", "a dog on a red sofa")):
         check(prompts)
     assert set(rt._encoder_graphs) == {(1, rt.text_config.max_length), (2, rt.text_config.max_length)}
     # different prompts give different features, so stale static inputs would have failed above

@@ -106,7 +106,6 @@ class CudaRuntime(TorchRuntime):
         self._graphs: dict[tuple, GraphedForward] = {}
         self._graph_pool = None
         self._encoder_graphs: dict[tuple, GraphedEncoder] = {}  # valid while the text encoder stays resident
-        self._encoder_pool = None  # one memory pool for them: one per prompt-batch size would add up
         # memory="low": the transformer waits in pinned host memory while the text encoder runs (gemlite's layers
         # keep device state outside their parameters, so they stay)
         self._offload_transformer = memory == "low" and linear != "gemlite"
@@ -225,16 +224,13 @@ class CudaRuntime(TorchRuntime):
         if not (self.cuda_graphs and self.text_encoder.keep):
             return super().text_encoder_call()
         if not self.text_encoder.resident:
-            self._drop_encoder_graphs()  # captured against tensors that have gone since
+            self._encoder_graphs.clear()  # captured against tensors that have gone since
         model = self.text_encoder.get()
 
         def run(ids, mask):
             key = tuple(ids.shape)
             if key not in self._encoder_graphs:
-                if self._encoder_pool is None:
-                    self._encoder_pool = torch.cuda.graph_pool_handle()
-                self._encoder_graphs[key] = GraphedEncoder(model, key, self.text_config.feature_layers, self.device,
-                                                           self._encoder_pool)
+                self._encoder_graphs[key] = GraphedEncoder(model, key, self.text_config.feature_layers, self.device)
             return self._encoder_graphs[key](ids, mask)
 
         return run
@@ -245,7 +241,7 @@ class CudaRuntime(TorchRuntime):
         on first use), its static inputs set to this batch; valid until the next `condition` of the same shapes."""
         cond = super().condition(features, img_ids, txt_ids, refs)
         if not self.text_encoder.resident:
-            self._drop_encoder_graphs()  # the text encoder made room for this render: its graphs' memory too
+            self._encoder_graphs.clear()  # the text encoder made room for this render: its graphs' memory too
         if not self.cuda_graphs:
             return cond
         x_shape = (cond.features.shape[0], img_ids.shape[-2], self.transformer.config.in_channels)
@@ -286,16 +282,11 @@ class CudaRuntime(TorchRuntime):
         return dict(resident_gb=self.resident_gb, memory=self.memory,
                     text_encoder_resident=self.text_encoder.resident, **super().memory_report())
 
-    def _drop_encoder_graphs(self) -> None:
-        # The pool goes with its graphs: capturing into a pool whose graphs were freed fails.
-        self._encoder_graphs.clear()
-        self._encoder_pool = None
-
     def release(self) -> None:
         """Drop captured graphs, the shared expand scratch (re-made on the next call) and cached allocator blocks."""
         self._graphs.clear()
         self._graph_pool = None
-        self._drop_encoder_graphs()
+        self._encoder_graphs.clear()
         self.workspace.release()
         torch.cuda.empty_cache()
 
@@ -319,13 +310,13 @@ def _capture(model, fn, device, pool=None):
 
 class GraphedEncoder:
     """One CUDA graph of the resident text encoder for fixed [B, S]: `graphed(ids, mask)` -> features (a copy:
-    the output may be overwritten by the replay of another graph of the same pool, or of this one)."""
+    the graph's output is overwritten by the next replay)."""
 
-    def __init__(self, model, shape: tuple[int, int], layers, device, pool=None):
+    def __init__(self, model, shape: tuple[int, int], layers, device):
         self.ids = torch.zeros(shape, dtype=torch.int64, device=device)
         self.mask = torch.ones(shape, dtype=torch.int64, device=device)
         self.graph, self.out, self.scratch = _capture(
-            model, lambda: encode_text(model, self.ids, self.mask, layers), device, pool)
+            model, lambda: encode_text(model, self.ids, self.mask, layers), device)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
