@@ -169,7 +169,17 @@ def linear_makers(dtype, workspace, choices):
         return make_linear_factory(linear, activations, workspace=workspace, choices=choices)
 
     return {"ours": ours("auto"), "ours_expand": ours("expand"), "ours_fused": ours("fused"),
-            "ours_fp8": ours("auto", "fp8"), "gemlite": gemlite_released, "dense_bf16": dense}
+            "ours_fp8": ours("auto", "fp8"), "ours_torchops": ours("auto"), "gemlite": gemlite_released,
+            "dense_bf16": dense}
+
+
+def impl_ops(impl):
+    """The elementwise ops a Pipeline with these linears runs (elementwise="triton", the default); ours_torchops:
+    elementwise="torch"."""
+    from bonsai.backends.cuda.runtime import TRITON_OPS
+    from bonsai.backends.torch.transformer import TORCH_OPS
+
+    return TORCH_OPS if impl == "ours_torchops" else TRITON_OPS
 
 
 def gb(nbytes) -> float:
@@ -212,7 +222,8 @@ def bench_steps(dtype, impls, kinds, reps=7):
             gc.collect()  # the previous model may sit in a reference cycle
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
-            model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl])
+            model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl],
+                                     ops=impl_ops(impl))
             torch.cuda.synchronize()
             resident = torch.cuda.memory_allocated() - base
             for hgt, wid in SIZES.values():
@@ -263,6 +274,74 @@ def kernel_category(name: str) -> str:
     return "other (norms, RoPE, modulation, copies)"
 
 
+def profile_categories(prof, categorize, top=10):
+    """torch.profiler GPU time -> ({category: ms}, the `top` kernels of the last category as [name, ms, calls])."""
+    cats: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if us and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            cat = categorize(e.key)
+            cats[cat] = cats.get(cat, 0.0) + us / 1e3
+            if cat.startswith("other"):
+                kernels.append([e.key[:90], us / 1e3, e.count])
+    return cats, sorted(kernels, key=lambda k: -k[1])[:top]
+
+
+def vae_category(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("conv", "implicit", "xmma", "sm90", "cutlass", "nvjet", "gemm", "winograd", "fft")):
+        return "convolution"
+    if any(k in n for k in ("group_norm", "stats", "combine", "normalize", "reduce", "welford")):
+        return "group norm"
+    if any(k in n for k in ("flash", "fmha", "attention", "cudnn")):
+        return "attention"
+    return "other (SiLU, adds, upsample, copies)"
+
+
+def bench_vae(dtype, reps=5):
+    """The full-size VAE decoder (random weights) at 512^2 and 1024^2: torch GroupNorm vs our Triton
+    GroupNorm + SiLU, NCHW vs channels_last convolutions; median decode time and a GPU-time breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bonsai.backends.cuda.runtime import vae_norm_act
+    from bonsai.backends.torch.vae import load_vae_decoder, norm_act
+    from bonsai.config import VAEConfig
+    from bonsai.testing import random_vae
+
+    cfg = VAEConfig()
+    state = random_vae(cfg)
+    rows = []
+    for norm_name, fn in (("torch", norm_act), ("triton", vae_norm_act)):
+        for fmt_name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            vae = load_vae_decoder(state, cfg, device="cuda", dtype=dtype, norm_act=fn).to(memory_format=fmt)
+            for hgt, wid in SIZES.values():
+                z = torch.randn(1, cfg.latent_channels, hgt // 8, wid // 8, device="cuda", dtype=dtype)
+                torch.cuda.reset_peak_memory_stats()
+                times = []
+                with torch.inference_mode():
+                    for _ in range(reps + 1):
+                        torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        vae(z)
+                        torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        vae(z)
+                        torch.cuda.synchronize()
+                cats, other = profile_categories(prof, vae_category)
+                row = dict(norm=norm_name, layout=fmt_name, size=f"{hgt}x{wid}", first_s=times[0],
+                           decode_ms=statistics.median(times[1:]) * 1e3, peak_gb=gb(torch.cuda.max_memory_allocated()),
+                           gpu_ms=sum(cats.values()), **cats, top_other=other)
+                rows.append(row)
+                print(f"vae {norm_name:6s} {fmt_name:13s} {row['size']:9s} decode {row['decode_ms']:6.1f} ms  "
+                      + "  ".join(f"{k} {v:.1f}" for k, v in cats.items()), flush=True)
+            del vae
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def bench_profile(dtype, impls, kind="ternary"):
     """GPU time of one transformer step by kernel category (torch.profiler), eager."""
     from torch.profiler import ProfilerActivity, profile
@@ -278,7 +357,8 @@ def bench_profile(dtype, impls, kind="ternary"):
     makers = linear_makers(dtype, ws, GemmChoices())
     rows = []
     for impl in impls:
-        model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl])
+        model = load_transformer(tensors, KLEIN_4B, device="cuda", dtype=dtype, make_linear=makers[impl],
+                                 ops=impl_ops(impl))
         for hgt, wid in SIZES.values():
             h, w = latents.latent_size(hgt, wid)
             args = (torch.randn(1, h * w, 128, device="cuda", dtype=dtype),
@@ -291,13 +371,9 @@ def bench_profile(dtype, impls, kind="ternary"):
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     model(*args)
                     torch.cuda.synchronize()
-            cats: dict[str, float] = {}
-            for e in prof.key_averages():
-                us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-                if us and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-                    cat = kernel_category(e.key)
-                    cats[cat] = cats.get(cat, 0.0) + us / 1e3
-            row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", gpu_ms=sum(cats.values()), **cats)
+            cats, other = profile_categories(prof, kernel_category)
+            row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", gpu_ms=sum(cats.values()), **cats,
+                       top_other=other)
             rows.append(row)
             print("profile", row, flush=True)
         del model
@@ -351,23 +427,44 @@ def markdown(result) -> str:
                          f"| {r['first_step_s']:.2f} s "
                          f"| {r['weights_gb']:.2f} GB | {r['steady_gb']:.2f} GB | {r['peak_gb']:.2f} GB |")
     if result.get("profile"):
-        cats = sorted({k for r in result["profile"] for k in r} - {"kind", "impl", "size", "gpu_ms"})
+        cats = sorted({k for r in result["profile"] for k in r} - {"kind", "impl", "size", "gpu_ms", "top_other"})
         lines += ["", "GPU time of one eager step by kernel category (torch.profiler, ms):", "",
                   "| kind | linears | size | GPU total | " + " | ".join(cats) + " |", "|---" * (4 + len(cats)) + "|"]
         for r in result["profile"]:
             lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['gpu_ms']:.1f} | "
                          + " | ".join(f"{r.get(c, 0.0):.1f}" for c in cats) + " |")
+        lines += top_kernels(result["profile"], ("impl", "size"))
+    if result.get("vae"):
+        cats = sorted({k for r in result["vae"] for k in r}
+                      - {"norm", "layout", "size", "first_s", "decode_ms", "peak_gb", "gpu_ms", "top_other"})
+        lines += ["", "VAE decoder (full size, random weights), median of 5, and its GPU time by kernel category "
+                  "(torch.profiler, ms):", "",
+                  "| GroupNorm | layout | size | decode | peak VRAM | GPU total | " + " | ".join(cats) + " |",
+                  "|---" * (6 + len(cats)) + "|"]
+        for r in result["vae"]:
+            lines.append(f"| {r['norm']} | {r['layout']} | {r['size']} | {r['decode_ms']:.1f} ms | {r['peak_gb']:.2f} GB "
+                         f"| {r['gpu_ms']:.1f} | " + " | ".join(f"{r.get(c, 0.0):.1f}" for c in cats) + " |")
+        lines += top_kernels(result["vae"], ("norm", "layout", "size"))
     return "\n".join(lines) + "\n"
+
+
+def top_kernels(rows, keys) -> list[str]:
+    lines = ["", "Largest kernels of the last category (ms, calls):", ""]
+    for r in rows:
+        lines.append(f"- {' '.join(r[k] for k in keys)}: "
+                     + "; ".join(f"`{name[:60]}` {ms:.2f} ({n})" for name, ms, n in r.get("top_other", [])))
+    return lines
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/h100", help="output prefix (writes .json and .md)")
-    p.add_argument("--sections", default="linear,step", help="comma list of linear | step | profile")
+    p.add_argument("--sections", default="linear,step", help="comma list of linear | step | profile | vae")
     p.add_argument("--linear-kinds", default="ternary")
     p.add_argument("--step-kinds", default="ternary,binary")
     p.add_argument("--impls", default="ours,ours_fp8,gemlite,dense_bf16",
-                   help="ours (linear=auto), ours_expand, ours_fused, ours_fp8, gemlite, dense_bf16")
+                   help="ours (linear=auto), ours_expand, ours_fused, ours_fp8, ours_torchops (elementwise=torch), "
+                        "gemlite, dense_bf16")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -401,6 +498,9 @@ def main(argv=None):
             result["profile"] = bench_profile(dtype, [i for i in impls if i != "gemlite"])
         except Exception as e:  # a profiler quirk must not cost the other sections
             print(f"profile section failed: {type(e).__name__}: {e}", flush=True)
+        save()
+    if "vae" in sections:
+        result["vae"] = bench_vae(dtype)
         save()
     if tune_file is not None:
         glb.save_autotune(tune_file)

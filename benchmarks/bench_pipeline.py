@@ -27,6 +27,7 @@ from pathlib import Path
 from common import PROMPTS, full_size_repo, header, median, new_result, sync, write_results
 
 IMPLS = {"ours": {}, "ours_fp8": {"activations": "fp8"}, "ours_compile": {"compile": True},
+         "ours_torch_elementwise": {"elementwise": "torch"},
          "dense_bf16": {"linear": "dense"}, "gemlite": {"linear": "gemlite"}}
 
 

@@ -3,7 +3,8 @@
 # compiles every Triton kernel again: the CUDA tests need ~2 calls):
 #   bash benchmarks/run_gpu.sh setup tests-kernels  # test_cuda_linear + test_gemlite_layout -> $OUT/h200-tests-kernels.log
 #   bash benchmarks/run_gpu.sh tests                # the other CUDA tests -> $OUT/h200-tests.log
-#   bash benchmarks/run_gpu.sh cold pipeline        # h200-cold, h200-pipeline
+#   bash benchmarks/run_gpu.sh cold pipeline        # h200-cold, h200-pipeline (every section, layout, kind)
+#   bash benchmarks/run_gpu.sh e2e                  # h200-pipeline-e2e: e2e, lowvram and peer rows of the defaults
 #   bash benchmarks/run_gpu.sh serve kernels        # h200-serve(-jpeg), h200-step (per-step kernel profile)
 # Test logs are verbose (one line per test as it ends), so a run cut short still says what passed.
 # Wheels the GPU image lacks travel in .whl/ (git-ignored): diffusers, importlib_metadata, gemlite's sdist, and for
@@ -19,7 +20,7 @@ for step in "$@"; do
       mkdir -p /tmp/gl && tar xzf .whl/gemlite-0.6.0.post2.tar.gz -C /tmp/gl || exit 1
       nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader ;;
     tests-kernels|tests)
-      [ $step = tests ] && files="tests/test_cuda_transformer.py tests/test_cuda_inputs.py tests/test_cuda_state.py
+      [ $step = tests ] && files="tests/test_cuda_transformer.py tests/test_cuda_inputs.py tests/test_cuda_state.py tests/test_cuda_elementwise.py
         tests/test_cuda_choice.py tests/test_elementwise.py tests/test_tokenizer.py" \
         || files="tests/test_cuda_linear.py tests/test_gemlite_layout.py"
       timeout 540 python3 -m pytest -v -n 14 --dist load -p no:cacheprovider --timeout 500 $files 2>&1 \
@@ -27,6 +28,10 @@ for step in "$@"; do
     pipeline)
       (cd benchmarks && timeout 450 python3 bench_pipeline.py --repos $REPOS --out "$OUT/h200-pipeline" \
         --layouts gemlite,mlx,compact --kinds ternary,binary 2>&1 | tail -40) ;;
+    e2e)
+      (cd benchmarks && timeout 420 python3 bench_pipeline.py --repos $REPOS --out "$OUT/h200-pipeline-e2e" \
+        --sections e2e,lowvram,peer --layouts gemlite --kinds ternary \
+        --impls ours,ours_torch_elementwise,dense_bf16,gemlite 2>&1 | grep -v "^|" | tail -30) ;;
     cold)
       (cd benchmarks && timeout 240 python3 cold_start.py --repo $REPOS --out "$OUT/h200-cold" 2>&1 | tail -12) ;;
     serve)
@@ -37,6 +42,6 @@ full_size_repo(Path('$REPOS'), 'gemlite', 'ternary', device='cuda')" && timeout 
         --requests 16 --duration 30 --concurrency 1 4 --output-format jpeg --out "$OUT/h200-serve-jpeg" 2>&1 | tail -6) ;;
     kernels)
       (cd benchmarks && timeout 240 python3 bench_cuda.py --out "$OUT/h200-step" --sections step,profile \
-        --step-kinds ternary --impls ours,dense_bf16 2>&1 | tail -30) ;;
+        --step-kinds ternary --impls ours,ours_torchops,dense_bf16 2>&1 | grep -v "^|" | tail -30) ;;
   esac
 done

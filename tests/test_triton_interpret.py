@@ -162,12 +162,83 @@ LAYER_SCRIPT = textwrap.dedent(
 )
 
 
+ELEMENTWISE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from bonsai.backends.cuda.elementwise import group_norm_silu, join_swiglu, modulate, rms_norm_rope
+    from bonsai.backends.torch.transformer import join_swiglu as join_swiglu_ref, modulate as modulate_ref, norm_rope
+    from bonsai.backends.torch.vae import GroupNorm, norm_act
+
+    torch.set_grad_enabled(False)
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+
+    def close(got, want, dtype, exact_frac):
+        # fp16 (the interpreter rounds it as the GPU does): within one ulp of the torch code, and equal to it
+        # nearly everywhere (the statistics are summed in another order). The interpreter truncates fp32 ->
+        # bf16 instead of rounding (twice with the SiLU), so bf16 gets four ulps here; tests/test_cuda_elementwise.py
+        # checks bf16 on the GPU.
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        ulps = 1 if dtype == torch.float16 else 4
+        # (near-zero outputs of the rotation inherit the rounding error of its inputs: the mean magnitude floors it)
+        scale = torch.maximum(got.float().abs(), want.float().abs()).clamp_min(want.float().abs().mean())
+        bound = ulps * torch.finfo(dtype).eps * scale
+        assert ((got.float() - want.float()).abs() <= bound).all()
+        if dtype == torch.float16:
+            assert (got != want).float().mean().item() <= exact_frac
+
+    for dtype in (torch.float16, torch.bfloat16):
+        # C/G = 6 (not a power of two), H*W over several chunks with a ragged last one, one group per channel
+        for b, c, h, w, groups in ((2, 24, 40, 37, 4), (1, 32, 8, 8, 32), (1, 16, 3, 5, 2)):
+            norm = GroupNorm(groups, c, eps=1e-6)
+            norm.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
+            norm.bias.copy_(0.3 * torch.randn(c, generator=g))
+            norm = norm.to(dtype)
+            x = (torch.randn(b, c, h, w, generator=g) * 3 + 1.5).to(dtype)
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                for silu in (False, True):
+                    got = group_norm_silu(x.contiguous(memory_format=fmt), groups, norm.weight, norm.bias, 1e-6, silu)
+                    assert got.is_contiguous(memory_format=fmt)
+                    close(got, norm_act(norm, x, silu), dtype, 2e-3)
+                    checked += 1
+        # RMSNorm + RoPE of strided views (as the model passes them), text and image parts into one tensor
+        b, heads, d, n_txt, n_img = 2, 3, 16, 5, 37
+        proj_t = torch.randn(b, n_txt, 3 * heads * d, generator=g).to(dtype)
+        proj_i = torch.randn(b, n_img, 3 * heads * d, generator=g).to(dtype)
+        xt = proj_t[..., :heads * d].unflatten(-1, (heads, d))
+        xi = proj_i[..., heads * d:2 * heads * d].unflatten(-1, (heads, d))
+        wt, wi = ((1 + 0.2 * torch.randn(d, generator=g)).to(dtype) for _ in range(2))
+        angles = torch.rand(n_txt + n_img, d // 2, generator=g) * 6
+        freqs = torch.polar(torch.ones_like(angles), angles)
+        for parts, fr in ((((xt, wt), (xi, wi)), freqs), (((xi, wi),), freqs[n_txt:])):
+            close(rms_norm_rope(parts, 1e-6, fr), norm_rope(parts, 1e-6, fr), dtype, 0.0)
+            checked += 1
+        attn = torch.randn(b, 19, 48, generator=g).to(dtype)
+        mlp = torch.randn(b, 19, 3 * 48 + 2 * 80, generator=g).to(dtype)[..., 3 * 48:]
+        got = join_swiglu(attn, mlp)
+        assert torch.equal(got[..., :48], attn)
+        close(got, join_swiglu_ref(attn, mlp), dtype, 0.0)
+        # LayerNorm + modulation, shift and scale as chunks of the per-sample modulation vector
+        x = (torch.randn(2, 37, 48, generator=g) * 2 + 0.5).to(dtype)
+        _, shift, scale = (0.5 * torch.randn(2, 1, 3 * 48, generator=g)).to(dtype).chunk(3, dim=-1)
+        close(modulate(x, shift, scale, 1e-6), modulate_ref(x, shift, scale, 1e-6), dtype, 2e-3)
+        checked += 2
+
+    x = torch.randn(2, 24, 40, 37, generator=g) * 3 + 1.5
+    weight, bias = 1 + 0.3 * torch.randn(24, generator=g), 0.3 * torch.randn(24, generator=g)
+    want = torch.nn.functional.group_norm(x.double(), 4, weight.double(), bias.double(), 1e-6)
+    assert (group_norm_silu(x, 4, weight, bias, 1e-6, False).double() - want).abs().max().item() < 1e-5
+    print("OK", checked + 1)
+    """
+)
+
+
 NUMPY_OK = tuple(int(v) for v in np.__version__.split(".")[:2]) < (2, 3)
 NUMPY_REASON = ("Triton 3.6's interpreter cannot run loops over runtime scalars with numpy >= 2.3 "
                 "(CI pins numpy<2.3)")
 SCRIPTS = {"expand": (SCRIPT, []), "gemm": (GEMM_SCRIPT, []), "layers": (LAYER_SCRIPT, ["expand"]),
-           "layers-fused": (LAYER_SCRIPT, ["fused"])}
-NEEDS_NUMPY_OK = {"gemm", "layers-fused"}
+           "layers-fused": (LAYER_SCRIPT, ["fused"]), "elementwise": (ELEMENTWISE_SCRIPT, [])}
+NEEDS_NUMPY_OK = {"gemm", "layers-fused", "elementwise"}
 
 # Runs each script as `python -c SCRIPT ARGS` would, in a fresh namespace, and prints {name: stdout or traceback}.
 RUNNER = textwrap.dedent(
@@ -225,3 +296,9 @@ def test_fast_layers_in_interpreter(interpreted):
 @pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)
 def test_fast_layers_fused_choice_in_interpreter(interpreted):
     assert run_interpreted(interpreted, "layers-fused").startswith("OK 4")
+
+
+@pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)
+def test_elementwise_kernels_in_interpreter(interpreted):
+    """group_norm_silu, rms_norm_rope, join_swiglu and modulate against the torch code they replace."""
+    assert run_interpreted(interpreted, "elementwise").startswith("OK 33")

@@ -19,10 +19,11 @@ from ..torch.linear import dense_linear
 from ..torch.runtime import (Cond, LazyModel, TorchRuntime, read_transformer, read_vae_decoder, text_encoder_loader,
                              vae_encoder_loader)
 from ..torch.text_encoder import encode as encode_text
-from ..torch.transformer import load_transformer
+from ..torch.transformer import TORCH_OPS, Ops, load_transformer
+from ..torch.vae import norm_act
 from . import choice
-from ..torch.transformer import TORCH_OPS, Ops
 from .choice import GemmChoices
+from .elementwise import group_norm_silu, join_swiglu, modulate, rms_norm_rope
 from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,15 @@ __all__ = ["CudaRuntime", "LINEARS"]
 LINEARS = (*LINEARS, "dense")  # "dense": the codes expanded to bf16 at load (the dense baseline)
 
 LOW_MEMORY_BYTES = 12 << 30  # memory="auto" picks "low" below this much device memory
+
+# elementwise="triton": the LayerNorm + modulation, the QK RMSNorm + RoPE and the single block's SwiGLU join as
+# one Triton pass each
+TRITON_OPS = Ops(modulate=modulate, norm_rope=rms_norm_rope, join_swiglu=join_swiglu)
+
+
+def vae_norm_act(norm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    """The VAE's GroupNorm (+ SiLU) as Triton passes over the activation (`group_norm_silu`)."""
+    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
 
 
 def _lap(t0: float, phases: dict | None = None) -> float:
@@ -115,7 +125,7 @@ class CudaRuntime(TorchRuntime):
     def load(cls, folder, device=None, dtype=None, text_config: TextEncoderConfig = TextEncoderConfig(),
              linear: str = "auto", activations: str | None = None, text_encoder: str = "4bit",
              keep_text_encoder: bool | str = "auto", memory: str = "auto", autotune_file: str | Path | None = None,
-             cuda_graphs: bool | None = None, compile: bool = False) -> "CudaRuntime":
+             cuda_graphs: bool | None = None, compile: bool = False, elementwise: str = "triton") -> "CudaRuntime":
         """linear: "auto" (per shape, the faster of "expand" and "fused", measured once and cached), "expand"
         (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop), "gemlite", or "dense" (the
         codes expanded to bf16 at load: the dense baseline, 5x the weight memory).
@@ -133,8 +143,10 @@ class CudaRuntime(TorchRuntime):
         Our per-shape GEMM choices are persisted next to them (`choice.cache_path()`).
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
         ~1k small kernels per step), and one text-encoder forward per prompt-batch shape while the encoder stays
-        on the GPU; default on, off with memory="low". compile: torch.compile the elementwise
-        steps (modulation, RoPE + attention; the linears stay eager).
+        on the GPU; default on, off with memory="low". elementwise: "triton" runs the QK RMSNorm + RoPE, the
+        single block's SwiGLU join and the VAE's GroupNorm + SiLU as our Triton kernels; "torch" as torch ops.
+        compile: torch.compile the torch elementwise steps instead (modulation, norm + RoPE, attention, SwiGLU
+        join; the linears stay eager).
         """
         if not torch.cuda.is_available():
             raise RuntimeError("CudaRuntime needs a CUDA device; torch.cuda.is_available() is False")
@@ -163,7 +175,9 @@ class CudaRuntime(TorchRuntime):
         folder = Path(folder)
         if not folder.is_dir():
             raise BonsaiFileNotFoundError(f"model folder {folder} does not exist")
-        ops = TORCH_OPS
+        if elementwise not in ("triton", "torch"):
+            raise BonsaiValueError(f"elementwise must be 'triton' or 'torch', got {elementwise!r}")
+        ops = TRITON_OPS if elementwise == "triton" else TORCH_OPS
         if compile:
             ops = Ops(**{f.name: torch.compile(getattr(TORCH_OPS, f.name), dynamic=False)
                          for f in dataclasses.fields(Ops)})
@@ -186,7 +200,7 @@ class CudaRuntime(TorchRuntime):
             transformer = read_transformer(folder, device, dtype, make_linear, ops)
         torch.cuda.synchronize(device)
         phases["transformer"] = _lap(t0, phases)
-        vae = read_vae_decoder(folder, device, dtype)
+        vae = read_vae_decoder(folder, device, dtype, vae_norm_act if elementwise == "triton" else norm_act)
         torch.cuda.synchronize(device)
         phases["vae"] = _lap(t0, phases)
         packed_te = text_encoder == "4bit" and weights.find_text_encoder(folder)[0] == "hqq"

@@ -53,29 +53,43 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """q, k, v [B, N, H, d] (already QK-normed) -> [B, N, H*d]; full non-causal attention, no mask."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
-    q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-    out = F.scaled_dot_product_attention(q, k, v)
+def norm_rope(parts, eps: float, freqs: torch.Tensor) -> torch.Tensor:
+    """parts: (x [B, N_i, H, d], RMSNorm weight [d]) in sequence order -> the normed parts joined along N and
+    rotated by RoPE (freqs complex64 [sum N_i, d/2]): [B, H, sum N_i, d]."""
+    normed = [F.rms_norm(x, x.shape[-1:], weight, eps) for x, weight in parts]
+    x = normed[0] if len(normed) == 1 else torch.cat(normed, dim=1)
+    return apply_rope(x.transpose(1, 2), freqs)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k [B, H, N, d] (normed, rotated), v [B, N, H, d] -> [B, N, H*d]; full non-causal attention, no mask."""
+    out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
     return out.transpose(1, 2).flatten(2)
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The elementwise steps a backend may run as other code of the same math (CUDA: torch.compile'd)."""
-
-    modulate: Callable = modulate
-    attention: Callable = attention
-
-
-TORCH_OPS = Ops()
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """[..., 2F] -> [..., F]; the first half is the SiLU gate."""
     gate, value = x.chunk(2, dim=-1)
     return F.silu(gate) * value
+
+
+def join_swiglu(attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    """The single block's output-projection input: [attn | swiglu(mlp)] along the last dim."""
+    return torch.cat([attn, swiglu(mlp)], dim=-1)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The elementwise steps a backend may run as other code of the same math (CUDA: Triton kernels, or
+    torch.compile'd)."""
+
+    modulate: Callable = modulate
+    norm_rope: Callable = norm_rope
+    attention: Callable = attention
+    join_swiglu: Callable = join_swiglu
+
+
+TORCH_OPS = Ops()
 
 
 def clip_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -150,10 +164,13 @@ class JointAttention(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, N_img, D], c [B, N_txt, D] -> (image out, text out)."""
         heads = lambda t: t.unflatten(-1, (-1, self.head_dim))  # [B, N, D] -> [B, N, H, d]  # noqa: E731
-        q = torch.cat([self.norm_added_q(heads(self.add_q_proj(c))), self.norm_q(heads(self.to_q(x)))], dim=1)
-        k = torch.cat([self.norm_added_k(heads(self.add_k_proj(c))), self.norm_k(heads(self.to_k(x)))], dim=1)
+        eps = self.norm_q.eps
+        q = self.ops.norm_rope(((heads(self.add_q_proj(c)), self.norm_added_q.weight),
+                                (heads(self.to_q(x)), self.norm_q.weight)), eps, rope)  # [B, H, N, d], text first
+        k = self.ops.norm_rope(((heads(self.add_k_proj(c)), self.norm_added_k.weight),
+                                (heads(self.to_k(x)), self.norm_k.weight)), eps, rope)
         v = torch.cat([heads(self.add_v_proj(c)), heads(self.to_v(x))], dim=1)
-        out = self.ops.attention(q, k, v, rope)
+        out = self.ops.attention(q, k, v)
         out_c, out_x = out.split([c.shape[1], x.shape[1]], dim=1)
         return self.to_out[0](out_x), self.to_add_out(out_c)
 
@@ -195,8 +212,10 @@ class ParallelSelfAttention(nn.Module):
         proj = self.to_qkv_mlp_proj(h)
         qkv, mlp = proj.split([3 * self.inner, proj.shape[-1] - 3 * self.inner], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in qkv.chunk(3, dim=-1))  # [B, N, H, d]
-        out = self.ops.attention(self.norm_q(q), self.norm_k(k), v, rope)
-        return self.to_out(torch.cat([out, swiglu(mlp)], dim=-1))
+        eps = self.norm_q.eps
+        out = self.ops.attention(self.ops.norm_rope(((q, self.norm_q.weight),), eps, rope),
+                                 self.ops.norm_rope(((k, self.norm_k.weight),), eps, rope), v)
+        return self.to_out(self.ops.join_swiglu(out, mlp))
 
 
 class SingleStreamBlock(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,9 +37,16 @@ class GroupNorm(nn.GroupNorm):
         return torch.addcmul(self.bias.float().reshape(shape), y, self.weight.float().reshape(shape)).to(x.dtype)
 
 
+def norm_act(norm: GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    """`norm(x)`, then SiLU if `silu`: the step a backend may replace (CUDA: one Triton kernel pair)."""
+    y = norm(x)
+    return F.silu(y) if silu else y
+
+
 class ResnetBlock2D(nn.Module):
-    def __init__(self, c_in: int, c_out: int, groups: int):
+    def __init__(self, c_in: int, c_out: int, groups: int, norm_act: Callable = norm_act):
         super().__init__()
+        self.norm_act = norm_act
         self.norm1 = GroupNorm(groups, c_in, eps=GN_EPS)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.norm2 = GroupNorm(groups, c_out, eps=GN_EPS)
@@ -45,33 +54,34 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm_act(self.norm1, x, True))
+        h = self.conv2(self.norm_act(self.norm2, h, True))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
 class Attention(nn.Module):
     """Single-head self-attention over all positions, with a GroupNorm in front and a residual."""
 
-    def __init__(self, c: int, groups: int):
+    def __init__(self, c: int, groups: int, norm_act: Callable = norm_act):
         super().__init__()
+        self.norm_act = norm_act
         self.group_norm = GroupNorm(groups, c, eps=GN_EPS)
         self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
         self.to_out = nn.ModuleList([nn.Linear(c, c)])  # key "to_out.0"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        t = self.norm_act(self.group_norm, x, False).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
         out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class MidBlock(nn.Module):
-    def __init__(self, c: int, groups: int, add_attention: bool):
+    def __init__(self, c: int, groups: int, add_attention: bool, norm_act: Callable = norm_act):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(c, c, groups), ResnetBlock2D(c, c, groups)])
-        self.attentions = nn.ModuleList([Attention(c, groups)]) if add_attention else None
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, c, groups, norm_act), ResnetBlock2D(c, c, groups, norm_act)])
+        self.attentions = nn.ModuleList([Attention(c, groups, norm_act)]) if add_attention else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -90,10 +100,11 @@ class Upsample(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, n_resnets: int, groups: int, upsample: bool):
+    def __init__(self, c_in: int, c_out: int, n_resnets: int, groups: int, upsample: bool,
+                 norm_act: Callable = norm_act):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, groups) for i in range(n_resnets)]
+            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, groups, norm_act) for i in range(n_resnets)]
         )
         self.upsamplers = nn.ModuleList([Upsample(c_out)]) if upsample else None
 
@@ -104,15 +115,16 @@ class UpBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, norm_act: Callable = norm_act):
         super().__init__()
+        self.norm_act = norm_act
         chans, groups = cfg.decoder_channels, cfg.norm_num_groups
         top = chans[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, top, 3, padding=1)
-        self.mid_block = MidBlock(top, groups, cfg.mid_block_add_attention)
+        self.mid_block = MidBlock(top, groups, cfg.mid_block_add_attention, norm_act)
         rev = list(reversed(chans))
         self.up_blocks = nn.ModuleList(
-            UpBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups, upsample=i < len(rev) - 1)
+            UpBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups, i < len(rev) - 1, norm_act)
             for i in range(len(rev))
         )
         self.conv_norm_out = GroupNorm(groups, chans[0], eps=GN_EPS)
@@ -122,7 +134,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.norm_act(self.conv_norm_out, x, True))
 
 
 class BatchStats(nn.Module):
@@ -158,19 +170,20 @@ def blend_tiles(fn, z: torch.Tensor, tile: int, overlap: int, scale: int, blend:
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3], with the arithmetic of diffusers' postprocess."""
-    x = (image.float() / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    """[B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3], with the arithmetic of diffusers' postprocess (float32,
+    round half to even), on the image's device: only the uint8 pixels cross to the host."""
+    x = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 class VAEDecoder(nn.Module):
     """post_quant_conv + decoder + BN statistics of AutoencoderKLFlux2."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, norm_act: Callable = norm_act):
         super().__init__()
         self.config = cfg
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
-        self.decoder = Decoder(cfg)
+        self.decoder = Decoder(cfg, norm_act)
         self.bn = BatchStats(4 * cfg.latent_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -213,11 +226,11 @@ def decoder_state(state: dict) -> dict:
 
 
 def load_vae_decoder(state: dict, config: VAEConfig, device="cpu", dtype: torch.dtype = torch.float32,
-                     source="VAE") -> VAEDecoder:
+                     source="VAE", norm_act: Callable = norm_act) -> VAEDecoder:
     """Build the decoder from a full VAE state dict; strict on decoder keys (`bonsai.state.check_state`, naming
-    `source`, the file the state came from)."""
+    `source`, the file the state came from). `norm_act`: the GroupNorm(+SiLU) step (see `norm_act`)."""
     with torch.device("meta"):
-        model = VAEDecoder(config)
+        model = VAEDecoder(config, norm_act)
     given = decoder_state(state)
     check_state(source, {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in given.items()})
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in given.items()}, strict=True, assign=True)

@@ -1,0 +1,141 @@
+"""The CUDA backend's Triton elementwise kernels in bf16 on the GPU, at the model's real widths, against the torch
+code they replace (the interpreter rounds bf16 differently, so these bounds are only checked here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+BF16 = torch.bfloat16
+
+
+def assert_close_bf16(got, want, max_differing, ulps=1):
+    """Within `ulps` bf16 ulps of the torch code everywhere (the mean magnitude floors the scale: near-zero
+    outputs inherit their inputs' rounding), and equal to it at all but `max_differing` of the elements."""
+    assert got.dtype == want.dtype == BF16 and got.shape == want.shape
+    scale = torch.maximum(got.float().abs(), want.float().abs()).clamp_min(want.float().abs().mean())
+    ratio = ((got.float() - want.float()).abs() / (torch.finfo(BF16).eps * scale)).max().item()
+    differing = (got != want).float().mean().item()
+    assert ratio <= ulps and differing <= max_differing, f"{ratio:.2f} ulp at most, {differing:.2e} differing"
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 256, 256), (2, 512, 64, 64), (1, 256, 33, 47)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_silu_equals_the_torch_group_norm(shape, fmt, silu):
+    from bonsai.backends.cuda.elementwise import group_norm_silu
+    from bonsai.backends.torch.vae import GroupNorm, norm_act
+
+    g = torch.Generator("cuda").manual_seed(0)
+    c = shape[1]
+    norm = GroupNorm(32, c, eps=1e-6).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(c, generator=g, device="cuda"))
+        norm.bias.copy_(0.3 * torch.randn(c, generator=g, device="cuda"))
+    norm = norm.to(BF16)
+    x = (torch.randn(shape, generator=g, device="cuda") * 4 + 2).to(BF16)
+    with torch.inference_mode():
+        got = group_norm_silu(x.contiguous(memory_format=fmt), 32, norm.weight, norm.bias, 1e-6, silu)
+        want = norm_act(norm, x, silu)
+    assert got.is_contiguous(memory_format=fmt)
+    # With the SiLU, a norm output rounded the other way (the statistics are summed in another order) moves
+    # the SiLU's output by up to two ulps.
+    assert_close_bf16(got, want, 1e-3, ulps=2 if silu else 1)
+
+
+def test_rms_norm_rope_equals_norm_then_rope():
+    """Real widths: 24 heads of 128, text and image parts from strided views of their projections."""
+    from bonsai import latents
+    from bonsai.backends.cuda.elementwise import rms_norm_rope
+    from bonsai.backends.torch.transformer import Flux2Transformer, norm_rope
+    from bonsai.config import KLEIN_4B
+
+    g = torch.Generator("cuda").manual_seed(1)
+    heads, d, n_txt, h, w = 24, 128, 512, 32, 32
+    proj_t = torch.randn(2, n_txt, 3 * heads * d, generator=g, device="cuda").to(BF16)
+    proj_i = torch.randn(2, h * w, 3 * heads * d + 2 * 9216, generator=g, device="cuda").to(BF16)
+    xt = proj_t[..., heads * d:2 * heads * d].unflatten(-1, (heads, d))
+    xi = proj_i[..., heads * d:2 * heads * d].unflatten(-1, (heads, d))
+    wt, wi = ((1 + 0.1 * torch.randn(d, generator=g, device="cuda")).to(BF16) for _ in range(2))
+    with torch.device("meta"):
+        model = Flux2Transformer(KLEIN_4B)
+    freqs = model.rope(latents.img_ids(h, w), latents.txt_ids(n_txt), "cuda")
+    with torch.inference_mode():
+        for parts, fr in ((((xt, wt), (xi, wi)), freqs), (((xi, wi),), freqs[n_txt:])):
+            # a normed value rounded the other way moves its rotated pair by up to two ulps
+            assert_close_bf16(rms_norm_rope(parts, 1e-6, fr), norm_rope(parts, 1e-6, fr), 1e-3, ulps=2)
+
+
+def test_join_swiglu_equals_cat_of_swiglu():
+    from bonsai.backends.cuda.elementwise import join_swiglu
+    from bonsai.backends.torch.transformer import join_swiglu as join_swiglu_ref
+
+    g = torch.Generator("cuda").manual_seed(2)
+    proj = torch.randn(2, 1536, 3 * 3072 + 2 * 9216, generator=g, device="cuda").to(BF16)
+    attn = torch.randn(2, 1536, 3072, generator=g, device="cuda").to(BF16)
+    with torch.inference_mode():
+        got, want = join_swiglu(attn, proj[..., 3 * 3072:]), join_swiglu_ref(attn, proj[..., 3 * 3072:])
+    assert torch.equal(got[..., :3072], attn)
+    assert_close_bf16(got, want, 1e-3)
+
+
+def test_modulate_equals_layer_norm_then_affine():
+    from bonsai.backends.cuda.elementwise import modulate
+    from bonsai.backends.torch.transformer import modulate as modulate_ref
+
+    g = torch.Generator("cuda").manual_seed(3)
+    x = (torch.randn(2, 4608, 3072, generator=g, device="cuda") * 3 + 1).to(BF16)
+    _, shift, scale = (0.5 * torch.randn(2, 1, 3 * 3072, generator=g, device="cuda")).to(BF16).chunk(3, dim=-1)
+    with torch.inference_mode():
+        got, want = modulate(x, shift, scale, 1e-6), modulate_ref(x, shift, scale, 1e-6)
+    # a LayerNorm output rounded the other way moves the product by up to two ulps
+    assert_close_bf16(got, want, 1e-3, ulps=2)
+
+
+def test_transformer_and_vae_with_triton_elementwise_equal_the_torch_ops():
+    """The whole model (3 real-width blocks) and the VAE decoder with the kernels in place: as close to the
+    float32 model as the bf16 torch ops are (bf16 noise over random weights is ~1% here)."""
+    from bonsai.backends.cuda.runtime import TRITON_OPS, vae_norm_act
+    from bonsai.backends.torch.transformer import load_transformer
+    from bonsai.backends.torch.vae import load_vae_decoder
+    from bonsai.config import TransformerConfig, VAEConfig
+    from bonsai.testing import random_vae
+    from test_cuda_transformer import REAL_WIDTH_FEW_LAYERS, fast_linears, inputs, random_tensors, run
+
+    cfg = TransformerConfig(**REAL_WIDTH_FEW_LAYERS)
+    tensors = random_tensors(cfg, "ternary")
+    args = inputs(cfg, h=16, w=16, n_txt=64)
+    f32 = run(load_transformer(tensors, cfg, device="cuda", dtype=torch.float32), args, torch.float32)
+    ref = run(load_transformer(tensors, cfg, device="cuda", dtype=BF16, make_linear=fast_linears("auto")), args, BF16)
+    got = run(load_transformer(tensors, cfg, device="cuda", dtype=BF16, make_linear=fast_linears("auto"),
+                               ops=TRITON_OPS), args, BF16)
+    err = lambda y, want: ((y - want).norm() / want.norm()).item()  # noqa: E731
+    assert torch.isfinite(got).all()
+    assert err(got, f32) <= 1.25 * err(ref, f32) + 1e-3, (err(got, f32), err(ref, f32), err(got, ref))
+
+    vcfg = VAEConfig()
+    state = random_vae(vcfg)
+    z = torch.randn(1, vcfg.latent_channels, 32, 32, device="cuda").to(BF16)
+    with torch.inference_mode():
+        f32 = load_vae_decoder(state, vcfg, device="cuda")(z.float())
+        want = load_vae_decoder(state, vcfg, device="cuda", dtype=BF16)(z).float()
+        img = load_vae_decoder(state, vcfg, device="cuda", dtype=BF16, norm_act=vae_norm_act)(z).float()
+    assert err(img, f32) <= 1.25 * err(want, f32) + 1e-3, (err(img, f32), err(want, f32), err(img, want))
+
+
+def test_pipeline_renders_the_same_image_with_either_elementwise_option(tmp_path):
+    import numpy as np
+
+    from bonsai import testing
+    from bonsai.errors import BonsaiValueError
+    from bonsai.pipeline import Pipeline
+
+    repo = testing.write_repo(tmp_path / "ternary-gemlite", "gemlite", "ternary")
+    with pytest.raises(BonsaiValueError, match="elementwise must be 'triton' or 'torch', got 'fast'"):
+        Pipeline.from_pretrained(repo, backend="cuda", elementwise="fast")
+    images = [np.asarray(Pipeline.from_pretrained(repo, backend="cuda", elementwise=e)(
+        "a bonsai", width=128, height=128, seed=3, progress=False).images[0], dtype=np.int16) for e in ("triton", "torch")]
+    diff = np.abs(images[0] - images[1])
+    assert diff.max() <= 8 and diff.mean() < 1.0, (diff.max(), diff.mean())
