@@ -186,6 +186,18 @@ def gb(nbytes) -> float:
     return nbytes / 1e9
 
 
+def timed(fn, n) -> list[float]:
+    """Seconds of each of n synchronized calls of fn."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def graphed_step_ms(model, args, reps) -> float:
     """Median step time replaying one CUDA graph of the forward (no CPU launch cost), as CudaRuntime runs it."""
     from bonsai.backends.cuda.runtime import GraphedForward
@@ -194,13 +206,7 @@ def graphed_step_ms(model, args, reps) -> float:
     x, c, t, img, txt = args
     with torch.inference_mode():
         run = GraphedForward(model, tuple(x.shape), Cond(c, model.rope(img, txt, x.device)), x.dtype)
-        times = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run(x, float(t[0]))
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = timed(lambda: run(x, float(t[0])), reps)
     del run
     return statistics.median(times) * 1e3
 
@@ -235,14 +241,8 @@ def bench_steps(dtype, impls, kinds, reps=7):
                 ws.release()  # so the scratch allocation shows in this size's peak
                 gc.collect()
                 torch.cuda.reset_peak_memory_stats()
-                times = []
                 with torch.inference_mode():
-                    for _ in range(reps + 1):
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        model(x, c, t, img, txt)
-                        torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t0)
+                    times = timed(lambda: model(x, c, t, img, txt), reps + 1)
                 # steady: what stays allocated between steps (weights + scratch); peak: inside a step.
                 steady, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
                 graph_ms = graphed_step_ms(model, (x, c, t, img, txt), reps)
@@ -318,14 +318,8 @@ def bench_vae(dtype, reps=5):
             for hgt, wid in SIZES.values():
                 z = torch.randn(1, cfg.latent_channels, hgt // 8, wid // 8, device="cuda", dtype=dtype)
                 torch.cuda.reset_peak_memory_stats()
-                times = []
                 with torch.inference_mode():
-                    for _ in range(reps + 1):
-                        torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        vae(z)
-                        torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t0)
+                    times = timed(lambda: vae(z), reps + 1)
                     with profile(activities=[ProfilerActivity.CUDA]) as prof:
                         vae(z)
                         torch.cuda.synchronize()
