@@ -176,8 +176,8 @@ ELEMENTWISE_SCRIPT = textwrap.dedent(
     def close(got, want, dtype, exact_frac):
         # fp16 (the interpreter rounds it as the GPU does): within one ulp of the torch code, and equal to it
         # nearly everywhere (the statistics are summed in another order). The interpreter truncates fp32 ->
-        # bf16 instead of rounding (twice with the SiLU), so bf16 gets four ulps here; tests/test_cuda_elementwise.py
-        # checks bf16 on the GPU.
+        # bf16 instead of rounding (twice with the SiLU), so bf16 gets four ulps here;
+        # tests/test_cuda_elementwise.py checks bf16 on the GPU.
         assert got.dtype == want.dtype == dtype and got.shape == want.shape
         ulps = 1 if dtype == torch.float16 else 4
         # (near-zero outputs of the rotation inherit the rounding error of its inputs: the mean magnitude floors it)

@@ -1,11 +1,14 @@
-"""Triton kernels for the elementwise steps that torch runs as several full-size passes.
+"""Triton kernels for the elementwise steps that torch runs as several full-size passes, each rounding where the
+torch code it replaces rounds.
 
 - `group_norm_silu`: the VAE's GroupNorm (float32 statistics, one rounding) with the SiLU that follows it, in a
   statistics pass and one normalizing pass over NCHW or channels_last tensors.
 - `rms_norm_rope`: the attention's QK RMSNorm and the RoPE pair rotation in one pass, written straight into the
   [B, H, N, d] tensor SDPA reads (the double-stream block's text and image parts into their rows, no `cat`).
+- `join_swiglu`: the single block's [attention | SiLU(gate) * value] in one pass.
+- `modulate`: LayerNorm + (1 + scale) * x + shift in one pass.
 
-Both run under TRITON_INTERPRET=1 on CPU, which is how CI checks them against the torch code they replace.
+All run under TRITON_INTERPRET=1 on CPU, which is how CI checks them against the torch code they replace.
 """
 
 from __future__ import annotations

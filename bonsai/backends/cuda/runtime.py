@@ -143,8 +143,9 @@ class CudaRuntime(TorchRuntime):
         Our per-shape GEMM choices are persisted next to them (`choice.cache_path()`).
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
         ~1k small kernels per step), and one text-encoder forward per prompt-batch shape while the encoder stays
-        on the GPU; default on, off with memory="low". elementwise: "triton" runs the QK RMSNorm + RoPE, the
-        single block's SwiGLU join and the VAE's GroupNorm + SiLU as our Triton kernels; "torch" as torch ops.
+        on the GPU; default on, off with memory="low". elementwise: "triton" runs the LayerNorm + modulation, the
+        QK RMSNorm + RoPE, the single block's SwiGLU join and the VAE's GroupNorm + SiLU as our Triton kernels
+        (`elementwise.py`); "torch" as the torch ops of the reference backend.
         compile: torch.compile the torch elementwise steps instead (modulation, norm + RoPE, attention, SwiGLU
         join; the linears stay eager).
         """
