@@ -588,24 +588,31 @@ def test_the_openai_client_speaks_to_it(live, pipe):
     assert e.value.body["param"] == "size"
 
 
+def queue_requests(url, gate, n, results) -> list[threading.Thread]:
+    """n requests posted from threads: the first runs (held at the shut gate), the others wait in the queue.
+    results[i]: request i's response, or its httpx error if it was dropped."""
+
+    def post(i):
+        try:
+            results[i] = httpx.post(url + "/v1/images/generations", json={**OK, "seed": i}, timeout=WAIT_S)
+        except httpx.HTTPError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    assert gate.entered.acquire(timeout=WAIT_S)
+    wait_until(lambda: metric(read_metrics(url), "bonsai_queue_depth") == n - 1, f"{n - 1} queued requests")
+    return threads
+
+
 def test_graceful_shutdown_answers_every_request(pipe):
     gate = Gate(pipe, open_=False)
     app = create_app(ServeConfig(model_name="tiny", max_batch=1, shutdown_timeout_s=1.0), lambda: gate)
     results = {}
     with running(app) as (url, http):
         wait_until(lambda: httpx.get(url + "/healthz").status_code == 200, "/healthz 200")
-
-        def post(i):
-            try:
-                results[i] = httpx.post(url + "/v1/images/generations", json={**OK, "seed": i}, timeout=WAIT_S)
-            except httpx.HTTPError as e:  # a dropped request: the test fails below
-                results[i] = e
-
-        threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        assert gate.entered.acquire(timeout=WAIT_S)
-        wait_until(lambda: metric(read_metrics(url), "bonsai_queue_depth") == 3, "three queued requests")
+        threads = queue_requests(url, gate, 4, results)
         http.should_exit = True  # as SIGTERM does
         time.sleep(0.3)
         gate.opened.set()  # the running request finishes; the queued ones finish or, past the 1 s deadline, get 503
@@ -628,15 +635,7 @@ def test_shutdown_deadline_fails_what_is_left_with_503(pipe):
     results = {}
     with running(app) as (url, http):
         wait_until(lambda: httpx.get(url + "/healthz").status_code == 200, "/healthz 200")
-
-        def post(i):
-            results[i] = httpx.post(url + "/v1/images/generations", json={**OK, "seed": i}, timeout=WAIT_S)
-
-        threads = [threading.Thread(target=post, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        assert gate.entered.acquire(timeout=WAIT_S)
-        wait_until(lambda: metric(read_metrics(url), "bonsai_queue_depth") == 2, "two queued requests")
+        threads = queue_requests(url, gate, 3, results)
         http.should_exit = True
         # The gate stays shut past the deadline: the queued requests get 503 at once, the running one when its
         # render is cancelled at its next step.
@@ -644,6 +643,7 @@ def test_shutdown_deadline_fails_what_is_left_with_503(pipe):
         gate.opened.set()
         for t in threads:
             t.join(WAIT_S)
+    assert all(isinstance(r, httpx.Response) for r in results.values()), results
     assert sorted(r.status_code for r in results.values()) == [503, 503, 503]
     assert all(r.json()["error"]["code"] == "shutting_down" for r in results.values())
 
