@@ -81,6 +81,26 @@ def test_join_swiglu_equals_cat_of_swiglu():
     assert_close_bf16(got, want, 1e-3)
 
 
+def test_swiglu_and_gated_add_equal_the_torch_ops():
+    """The double block's feed-forward SwiGLU and the gated residuals, at the real widths."""
+    from bonsai.backends.cuda.elementwise import gated_add, swiglu
+    from bonsai.backends.torch.transformer import gated_add as gated_add_ref, swiglu as swiglu_ref
+
+    g = torch.Generator("cuda").manual_seed(4)
+    mlp = torch.randn(1, 4096, 2 * 9216, generator=g, device="cuda").to(BF16)
+    x = (4 * torch.randn(2, 4608, 3072, generator=g, device="cuda")).to(BF16)
+    y = torch.randn(2, 4608, 3072, generator=g, device="cuda").to(BF16)
+    _, gate = torch.randn(2, 1, 2 * 3072, generator=g, device="cuda").to(BF16).chunk(2, dim=-1)
+    with torch.inference_mode():
+        assert_close_bf16(swiglu(mlp), swiglu_ref(mlp), 1e-3)
+        # one rounding of the same float arithmetic as addcmul (an FMA may round a tie the other way)
+        assert_close_bf16(gated_add(x, gate, y), gated_add_ref(x, gate, y), 1e-4)
+        h = (2e4 * torch.randn(1, 512, 3072, generator=g, device="cuda")).clamp(-6e4, 6e4).half()
+        gate = 3 * gate[:1].half()  # h + gate * h overflows fp16 somewhere
+        got, want = gated_add(h, gate, h, clip=True), gated_add_ref(h, gate, h, clip=True)
+    assert got.abs().max().item() == 65504 and torch.equal(got, want)
+
+
 def test_modulate_equals_layer_norm_then_affine():
     from bonsai.backends.cuda.elementwise import modulate
     from bonsai.backends.torch.transformer import modulate as modulate_ref

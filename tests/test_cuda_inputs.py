@@ -89,7 +89,8 @@ def test_kept_text_encoder_replays_graphs_equal_to_its_eager_forward(pipes):
 
     for prompts in (("a cat",), ("a dog on a red sofa",), ("a cat", "a dog on a red sofa")):
         check(prompts)
-    assert set(rt._encoder_graphs) == {(1, rt.text_config.max_length), (2, rt.text_config.max_length)}
+    # (other tests of this module may have captured other batch sizes on the shared pipeline already)
+    assert {(1, rt.text_config.max_length), (2, rt.text_config.max_length)} <= set(rt._encoder_graphs)
     # different prompts give different features, so stale static inputs would have failed above
     assert ((eager[("a cat",)] - eager[("a dog on a red sofa",)]).norm() / eager[("a cat",)].norm()).item() > 0.1
     rt.text_encoder.release()  # to pinned host memory; its device tensors are new when it comes back

@@ -132,3 +132,22 @@ def test_warmup_renders_each_size(pipe):
     assert set(seconds) == {(64, 32), (32, 48)} and all(v > 0 for v in seconds.values())
     with pytest.raises(ValueError, match="multiple of 16"):
         pipe.warmup([(50, 32)])
+
+
+def test_rope_tables_are_computed_once_per_position_ids(pipe):
+    """A render reuses the RoPE table of its size (and references); new ids get their own, equal to a fresh one."""
+    from bonsai import latents
+
+    rt, txt = pipe.runtime, latents.txt_ids(pipe.text_config.max_length)
+    feats = [torch.zeros(1, txt.shape[0], pipe.transformer_config.joint_attention_dim)]
+    first = rt.condition(feats, latents.img_ids(2, 3), txt).rope
+    assert rt.condition(feats, latents.img_ids(2, 3), txt).rope is first
+    other = rt.condition(feats, latents.img_ids(3, 2), txt).rope  # same count of tokens, other positions
+    assert other is not first and not torch.equal(other, first)
+    assert torch.equal(other, rt.transformer.rope(latents.img_ids(3, 2), txt, rt.device))
+    ref_ids = latents.reference_ids([(2, 2)])
+    with_ref = rt.condition(feats, latents.img_ids(2, 3), txt, (torch.zeros(1, 4, 128), ref_ids)).rope
+    assert with_ref.shape[0] == first.shape[0] + 4 and torch.equal(with_ref[:first.shape[0]], first)
+    for h in range(4, 9):  # the cache is bounded: the oldest tables go
+        rt.condition(feats, latents.img_ids(h, 1), txt)
+    assert rt.condition(feats, latents.img_ids(2, 3), txt).rope is not first

@@ -165,8 +165,9 @@ LAYER_SCRIPT = textwrap.dedent(
 ELEMENTWISE_SCRIPT = textwrap.dedent(
     """
     import torch
-    from bonsai.backends.cuda.elementwise import group_norm_silu, join_swiglu, modulate, rms_norm_rope
-    from bonsai.backends.torch.transformer import join_swiglu as join_swiglu_ref, modulate as modulate_ref, norm_rope
+    from bonsai.backends.cuda.elementwise import gated_add, group_norm_silu, join_swiglu, modulate, rms_norm_rope, swiglu
+    from bonsai.backends.torch.transformer import (gated_add as gated_add_ref, join_swiglu as join_swiglu_ref,
+                                                   modulate as modulate_ref, norm_rope, swiglu as swiglu_ref)
     from bonsai.backends.torch.vae import GroupNorm, norm_act
 
     torch.set_grad_enabled(False)
@@ -218,11 +219,21 @@ ELEMENTWISE_SCRIPT = textwrap.dedent(
         got = join_swiglu(attn, mlp)
         assert torch.equal(got[..., :48], attn)
         close(got, join_swiglu_ref(attn, mlp), dtype, 0.0)
+        close(swiglu(mlp.contiguous()), swiglu_ref(mlp), dtype, 0.0)
+        # gated residual, the gate a chunk of the modulation vector; fp16 clipped at the fp16 range
+        x = (torch.randn(2, 37, 600, generator=g) * 6e3).to(dtype)
+        y = (torch.randn(2, 37, 600, generator=g) * 1e4).to(dtype)  # gate * y overflows fp16 somewhere
+        _, gate = (3 * torch.randn(2, 1, 2 * 600, generator=g)).to(dtype).chunk(2, dim=-1)
+        for clip in (False, True):
+            got, want = gated_add(x, gate, y, clip), gated_add_ref(x, gate, y, clip)
+            assert torch.equal(got.isinf(), want.isinf()) and (dtype == torch.bfloat16 or clip != got.isinf().any())
+            fin = ~want.isinf()
+            close(got[fin], want[fin], dtype, 1e-3)
         # LayerNorm + modulation, shift and scale as chunks of the per-sample modulation vector
         x = (torch.randn(2, 37, 48, generator=g) * 2 + 0.5).to(dtype)
         _, shift, scale = (0.5 * torch.randn(2, 1, 3 * 48, generator=g)).to(dtype).chunk(3, dim=-1)
         close(modulate(x, shift, scale, 1e-6), modulate_ref(x, shift, scale, 1e-6), dtype, 2e-3)
-        checked += 2
+        checked += 5
 
     x = torch.randn(2, 24, 40, 37, generator=g) * 3 + 1.5
     weight, bias = 1 + 0.3 * torch.randn(24, generator=g), 0.3 * torch.randn(24, generator=g)
@@ -300,5 +311,6 @@ def test_fast_layers_fused_choice_in_interpreter(interpreted):
 
 @pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)
 def test_elementwise_kernels_in_interpreter(interpreted):
-    """group_norm_silu, rms_norm_rope, join_swiglu and modulate against the torch code they replace."""
-    assert run_interpreted(interpreted, "elementwise").startswith("OK 33")
+    """group_norm_silu, rms_norm_rope, join_swiglu, swiglu, gated_add and modulate against the torch code they
+    replace."""
+    assert run_interpreted(interpreted, "elementwise").startswith("OK 39")

@@ -4,8 +4,10 @@ torch code it replaces rounds.
 - `group_norm_silu`: the VAE's GroupNorm (float32 statistics, one rounding) with the SiLU that follows it, in a
   statistics pass and one normalizing pass over NCHW or channels_last tensors.
 - `rms_norm_rope`: the attention's QK RMSNorm and the RoPE pair rotation in one pass, written straight into the
-  [B, H, N, d] tensor SDPA reads (the double-stream block's text and image parts into their rows, no `cat`).
-- `join_swiglu`: the single block's [attention | SiLU(gate) * value] in one pass.
+  tensor SDPA reads (the double-stream block's text and image parts into their rows, no `cat`).
+- `join_swiglu`: the single block's [attention | SiLU(gate) * value] in one pass; `swiglu` the same kernel for the
+  double block's feed-forward (no attention part).
+- `gated_add`: the gated residual x + gate * y (and the fp16 clip) in one vectorized pass.
 - `modulate`: LayerNorm + (1 + scale) * x + shift in one pass.
 
 All run under TRITON_INTERPRET=1 on CPU, which is how CI checks them against the torch code they replace.
@@ -25,97 +27,148 @@ def _group_norm_kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def stats(x_ptr, mean_ptr, m2_ptr, HW, G, n_chunks, s_b, s_c, s_hw,
-              CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-        # One chunk of one (sample, group): its mean and centred sum of squares (combined with Chan's formula
-        # below), so no cancellation from sum(x^2) - sum(x)^2 over millions of elements.
+    # Only sizes that address memory are specialized on (their divisibility lets loads vectorize): one compiled
+    # variant serves every layer of a render (the cold start compiles each variant).
+    @triton.jit(do_not_specialize=["n_chunks"])
+    def stats(x_ptr, mean_ptr, m2_ptr, L, n_chunks, BLOCK: tl.constexpr):
+        # One chunk of the contiguous span of L = C/G * H * W elements of one (sample, group): its mean and centred
+        # sum of squares (combined with Chan's formula below), so no cancellation from sum(x^2) - sum(x)^2.
         bg, chunk = tl.program_id(0), tl.program_id(1)
-        b, g = bg // G, bg % G
-        ch = g * CG + tl.arange(0, BLOCK_C)
-        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        cmask = tl.arange(0, BLOCK_C) < CG
-        mask = cmask[:, None] & (hw < HW)[None, :]
-        offs = b.to(tl.int64) * s_b + ch.to(tl.int64)[:, None] * s_c + hw.to(tl.int64)[None, :] * s_hw
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        n = tl.sum(mask.to(tl.float32))
-        mean = tl.sum(x) / n
+        i = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = i < L
+        x = tl.load(x_ptr + bg.to(tl.int64) * L + i, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x) / tl.minimum(L - chunk * BLOCK, BLOCK).to(tl.float32)
         d = tl.where(mask, x - mean, 0.0)
         tl.store(mean_ptr + bg * n_chunks + chunk, mean)
         tl.store(m2_ptr + bg * n_chunks + chunk, tl.sum(d * d))
 
-    @triton.jit
-    def combine(mean_ptr, m2_ptr, out_ptr, n_chunks, HW, eps, CG: tl.constexpr, BLOCK_HW: tl.constexpr,
-                BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["n", "L", "period"])
+    def combine(mean_ptr, m2_ptr, out_ptr, n, L, period, eps, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr):
+        # The n entries of one (sample, group), contiguous; entry i covers min(L - (i % period) * BLOCK_L, BLOCK_L)
+        # elements (spans of L elements cut in chunks of BLOCK_L), n / period * L in all.
         bg = tl.program_id(0)
-        total = (CG * HW).to(tl.float32)
+        base = bg.to(tl.int64) * n
+        total = (n // period * L).to(tl.float32)
         acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n_chunks, BLOCK):
+        for start in range(0, n, BLOCK):
             i = start + tl.arange(0, BLOCK)
-            n_i = (CG * tl.minimum(HW - i * BLOCK_HW, BLOCK_HW)).to(tl.float32)
-            acc += tl.where(i < n_chunks, n_i * tl.load(mean_ptr + bg * n_chunks + i, mask=i < n_chunks, other=0.0), 0.0)
+            ok = i < n
+            n_i = tl.minimum(L - (i % period) * BLOCK_L, BLOCK_L).to(tl.float32)
+            acc += tl.where(ok, n_i * tl.load(mean_ptr + base + i, mask=ok, other=0.0), 0.0)
         mean = tl.sum(acc) / total
         acc = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n_chunks, BLOCK):
+        for start in range(0, n, BLOCK):
             i = start + tl.arange(0, BLOCK)
-            ok = i < n_chunks
-            n_i = (CG * tl.minimum(HW - i * BLOCK_HW, BLOCK_HW)).to(tl.float32)
-            d = tl.load(mean_ptr + bg * n_chunks + i, mask=ok, other=0.0) - mean
-            acc += tl.where(ok, tl.load(m2_ptr + bg * n_chunks + i, mask=ok, other=0.0) + n_i * d * d, 0.0)
+            ok = i < n
+            n_i = tl.minimum(L - (i % period) * BLOCK_L, BLOCK_L).to(tl.float32)
+            d = tl.load(mean_ptr + base + i, mask=ok, other=0.0) - mean
+            acc += tl.where(ok, tl.load(m2_ptr + base + i, mask=ok, other=0.0) + n_i * d * d, 0.0)
         tl.store(out_ptr + 2 * bg, mean)
         tl.store(out_ptr + 2 * bg + 1, 1.0 / tl.sqrt(tl.sum(acc) / total + eps))
 
-    @triton.jit
-    def normalize(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, G, s_b, s_c, s_hw,
-                  CG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, SILU: tl.constexpr):
-        bg, chunk = tl.program_id(0), tl.program_id(1)
-        b, g = bg // G, bg % G
-        ch = g * CG + tl.arange(0, BLOCK_C)
-        hw = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        cmask = tl.arange(0, BLOCK_C) < CG
-        mask = cmask[:, None] & (hw < HW)[None, :]
-        offs = b.to(tl.int64) * s_b + ch.to(tl.int64)[:, None] * s_c + hw.to(tl.int64)[None, :] * s_hw
+    @triton.jit(do_not_specialize=["C", "G", "CG"])
+    def normalize(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, C, G, CG, BLOCK: tl.constexpr, SILU: tl.constexpr):
+        # One chunk of one (sample, channel) plane: scalar statistics, weight and bias.
+        bc, chunk = tl.program_id(0), tl.program_id(1)
+        ch = bc % C
+        bg = (bc // C) * G + ch // CG
+        i = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = i < HW
+        offs = bc.to(tl.int64) * HW + i
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean, rstd = tl.load(stats_ptr + 2 * bg), tl.load(stats_ptr + 2 * bg + 1)
-        w = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None]
-        bias = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[:, None]
-        y = (x - mean) * rstd * w + bias
+        y = (x - mean) * rstd * tl.load(w_ptr + ch).to(tl.float32) + tl.load(b_ptr + ch).to(tl.float32)
         if SILU:  # the unfused code rounds the norm's output before its SiLU
             y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
             y = y / (1.0 + tl.exp(-y))
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    return stats, combine, normalize
+    @triton.jit(do_not_specialize=["n_chunks"])
+    def stats_cl(x_ptr, mean_ptr, m2_ptr, HW, C, n_chunks, PIX: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+        # channels_last [B, HW, C]: PIX pixels x BLOCK_C channels, in [BLOCK_P, BLOCK_C] tiles (rows of contiguous
+        # channels) merged with Chan's formula -> per channel, the mean and centred sum of squares of its PIX
+        # pixels; `combine` merges a group's entries.
+        bi, cb, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        mean = tl.zeros([BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        count = 0.0
+        for t in range(0, PIX, BLOCK_P):
+            p = chunk * PIX + t + tl.arange(0, BLOCK_P)
+            mask = (p < HW)[:, None] & (ch < C)[None, :]
+            x = tl.load(x_ptr + (bi.to(tl.int64) * HW + p.to(tl.int64))[:, None] * C + ch[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            n_t = tl.maximum(tl.minimum(HW - chunk * PIX - t, BLOCK_P), 0).to(tl.float32)
+            m_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
+            d = tl.where(mask, x - m_t[None, :], 0.0)
+            total = tl.maximum(count + n_t, 1.0)
+            delta = m_t - mean
+            mean += delta * (n_t / total)
+            m2 += tl.sum(d * d, axis=0) + delta * delta * (count * n_t / total)
+            count += n_t
+        # entry layout [B, C, n_chunks]: a group's entries are one contiguous run of C/G * n_chunks
+        out = (bi * C + ch).to(tl.int64) * n_chunks + chunk
+        tl.store(mean_ptr + out, mean, mask=ch < C)
+        tl.store(m2_ptr + out, m2, mask=ch < C)
+
+    @triton.jit(do_not_specialize=["G", "CG"])
+    def normalize_cl(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, C, G, CG, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr, SILU: tl.constexpr):
+        bi, cb, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+        ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = ch < C
+        mask = (p < HW)[:, None] & cmask[None, :]
+        offs = (bi.to(tl.int64) * HW + p.to(tl.int64))[:, None] * C + ch[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        bg = bi * G + ch // CG
+        mean = tl.load(stats_ptr + 2 * bg, mask=cmask, other=0.0)[None, :]
+        rstd = tl.load(stats_ptr + 2 * bg + 1, mask=cmask, other=0.0)[None, :]
+        w = tl.load(w_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        y = (x - mean) * rstd * w + bias
+        if SILU:
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return stats, combine, normalize, stats_cl, normalize_cl
 
 
 def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                     silu: bool) -> torch.Tensor:
-    """GroupNorm of x [B, C, H, W] (NCHW or channels_last, 16-bit) with float32 statistics and affine, rounded
+    """GroupNorm of x [B, C, H, W] (16-bit, NCHW or channels_last) with float32 statistics and affine, rounded
     once (then SiLU'd and rounded again if `silu`, as `F.silu(GroupNorm(x))`); the output keeps x's layout."""
-    import triton
-
     b, c, h, w = x.shape
-    hw = h * w
     if c % groups:
         raise ValueError(f"group_norm_silu needs channels divisible by groups, got {c} and {groups}")
-    if x.stride(2) != w * x.stride(3):  # H, W must flatten to one strided axis
-        x = x.contiguous()
-    s_b, s_c, _, s_w = x.stride()
-    cg = c // groups
-    block_c = triton.next_power_of_2(cg)
-    block_hw = min(max(16, TILE // block_c), triton.next_power_of_2(hw))
-    n_chunks = triton.cdiv(hw, block_hw)
-    stats, combine, normalize = _group_norm_kernels()
-    means = torch.empty(b * groups, n_chunks, device=x.device, dtype=torch.float32)
+    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    x = x if cl else x.contiguous()
+    hw, cg = h * w, c // groups
+    stats, combine, normalize, stats_cl, normalize_cl = _group_norm_kernels()
+    # Per (sample, group): n entries of (mean, centred sum of squares) over `per` elements each, the last ragged.
+    if cl:
+        block_p, block_c, pix = 32, 128, 512
+        n_chunks = -(-hw // pix)
+        n, per = cg * n_chunks, pix
+    else:
+        n_chunks = -(-cg * hw // TILE)
+        n, per = n_chunks, TILE
+    means = torch.empty(b * groups * n, device=x.device, dtype=torch.float32)
     m2s = torch.empty_like(means)
     mean_rstd = torch.empty(b * groups, 2, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
-    grid = (b * groups, n_chunks)
-    stats[grid](x, means, m2s, hw, groups, n_chunks, s_b, s_c, s_w, CG=cg, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    combine[(b * groups,)](means, m2s, mean_rstd, n_chunks, hw, eps, CG=cg, BLOCK_HW=block_hw,
-                           BLOCK=min(1024, triton.next_power_of_2(n_chunks)))
-    normalize[grid](x, y, mean_rstd, weight, bias, hw, groups, s_b, s_c, s_w, CG=cg, BLOCK_C=block_c,
-                    BLOCK_HW=block_hw, SILU=silu)
+    if cl:
+        grid = (b, -(-c // block_c), n_chunks)
+        stats_cl[grid](x, means, m2s, hw, c, n_chunks, PIX=pix, BLOCK_P=block_p, BLOCK_C=block_c)
+        combine[(b * groups,)](means, m2s, mean_rstd, n, hw, n_chunks, eps, BLOCK_L=per, BLOCK=1024)
+        normalize_cl[(b, -(-c // block_c), -(-hw // block_p))](x, y, mean_rstd, weight, bias, hw, c, groups, cg,
+                                                               BLOCK_P=block_p, BLOCK_C=block_c, SILU=silu)
+    else:
+        stats[(b * groups, n_chunks)](x, means, m2s, cg * hw, n_chunks, BLOCK=TILE)
+        combine[(b * groups,)](means, m2s, mean_rstd, n, cg * hw, n_chunks, eps, BLOCK_L=per, BLOCK=1024)
+        normalize[(b * c, -(-hw // TILE))](x, y, mean_rstd, weight, bias, hw, c, groups, cg, BLOCK=TILE, SILU=silu)
     return y
 
 
@@ -153,13 +206,16 @@ def _rms_norm_rope_kernel():
 
 def rms_norm_rope(parts, eps: float, freqs: torch.Tensor) -> torch.Tensor:
     """parts: (x [B, N_i, H, d] with unit stride in d, RMSNorm weight [d]) in sequence order; freqs complex64
-    [sum N_i, d/2]. Returns F.rms_norm(x_i) rotated by RoPE, as [B, H, sum N_i, d] in x's dtype."""
+    [sum N_i, d/2]. Returns F.rms_norm(x_i) rotated by RoPE, as [B, H, sum N_i, d] in x's dtype (a transposed view
+    of [B, sum N_i, H, d] memory)."""
     b, _, h, d = parts[0][0].shape
     n_total = sum(x.shape[1] for x, _ in parts)
     if freqs.shape != (n_total, d // 2) or freqs.dtype != torch.complex64:
         raise ValueError(f"rope table must be complex64 [{n_total}, {d // 2}], got {freqs.dtype} {tuple(freqs.shape)}")
     cs = torch.view_as_real(freqs)  # [N, d/2, 2] float32 (cos, sin), contiguous
-    out = torch.empty(b, h, n_total, d, device=parts[0][0].device, dtype=parts[0][0].dtype)
+    # [B, N, H, d] memory seen as [B, H, N, d]: SDPA (cuDNN) then writes its output in the [B, N, H*d] layout the
+    # output projection reads, with no copy (0.60 -> 0.53 ms per attention at 5120 tokens: fp8_study.py)
+    out = torch.empty(b, n_total, h, d, device=parts[0][0].device, dtype=parts[0][0].dtype).transpose(1, 2)
     kernel, block_n, row0 = _rms_norm_rope_kernel(), 32, 0
     for x, weight in parts:
         n = x.shape[1]
@@ -206,10 +262,63 @@ def join_swiglu(attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
     if mlp.shape[:2] != (b, n) or not (flat(attn) and flat(mlp)):
         raise ValueError(f"join_swiglu needs [B, N, *] inputs with evenly strided rows, got {tuple(attn.shape)} "
                          f"{attn.stride()} and {tuple(mlp.shape)} {mlp.stride()}")
-    out = torch.empty(b, n, a + f, device=attn.device, dtype=attn.dtype)
+    return _join(attn, mlp, a)
+
+
+def swiglu(mlp: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * value of mlp [B, N, 2F] (gate first, contiguous) in one pass."""
+    if not mlp.is_contiguous():
+        raise ValueError(f"swiglu needs a contiguous input, got {tuple(mlp.shape)} {mlp.stride()}")
+    return _join(mlp, mlp, 0)  # no attention columns: the first input is never read
+
+
+def _join(attn: torch.Tensor, mlp: torch.Tensor, a: int) -> torch.Tensor:
+    b, n, two_f = mlp.shape
+    f = two_f // 2
+    out = torch.empty(b, n, a + f, device=mlp.device, dtype=mlp.dtype)
     block_m, block_c = 16, 256
     _join_swiglu_kernel()[(-(-b * n // block_m), -(-(a + f) // block_c))](
         attn, mlp, out, b * n, a, f, attn.stride(1), mlp.stride(1), BLOCK_M=block_m, BLOCK_C=block_c)
+    return out
+
+
+@functools.cache
+def _gated_add_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gated_add(x_ptr, g_ptr, y_ptr, out_ptr, M, N, D, s_g, CLIP: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = (rows < M)[:, None] & (cols < D)[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        sample = (rows // N).to(tl.int64)[:, None]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + sample * s_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = x + g * y  # addcmul's float arithmetic, one rounding
+        if CLIP:
+            out = tl.minimum(tl.maximum(out, -65504.0), 65504.0)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return gated_add
+
+
+def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, clip: bool = False) -> torch.Tensor:
+    """x + gate * y for x, y [B, N, D] and gate [B, 1, D] (a view into the modulation vector is fine), as
+    `torch.addcmul`; clip: then clipped to the fp16 range when x is fp16."""
+    b, n, d = x.shape
+    if y.shape != x.shape or gate.shape != (b, 1, d) or gate.stride(-1) != 1:
+        raise ValueError(f"gated_add needs x, y [B, N, D] and gate [B, 1, D], got {tuple(x.shape)} "
+                         f"{tuple(y.shape)} {tuple(gate.shape)}")
+    x, y = x.contiguous(), y.contiguous()
+    out = torch.empty_like(x)
+    block_m, block_d = 8, 512
+    _gated_add_kernel()[(-(-b * n // block_m), -(-d // block_d))](
+        x, gate, y, out, b * n, n, d, gate.stride(0), CLIP=clip and x.dtype == torch.float16, BLOCK_M=block_m,
+        BLOCK_D=block_d)
     return out
 
 

@@ -23,7 +23,7 @@ from ..torch.transformer import TORCH_OPS, Ops, load_transformer
 from ..torch.vae import norm_act
 from . import choice
 from .choice import GemmChoices
-from .elementwise import group_norm_silu, join_swiglu, modulate, rms_norm_rope
+from .elementwise import gated_add, group_norm_silu, join_swiglu, modulate, rms_norm_rope, swiglu
 from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,10 @@ LINEARS = (*LINEARS, "dense")  # "dense": the codes expanded to bf16 at load (th
 
 LOW_MEMORY_BYTES = 12 << 30  # memory="auto" picks "low" below this much device memory
 
-# elementwise="triton": the LayerNorm + modulation, the QK RMSNorm + RoPE and the single block's SwiGLU join as
+# elementwise="triton": the LayerNorm + modulation, the QK RMSNorm + RoPE, the SwiGLUs and the gated residuals as
 # one Triton pass each
-TRITON_OPS = Ops(modulate=modulate, norm_rope=rms_norm_rope, join_swiglu=join_swiglu)
+TRITON_OPS = Ops(modulate=modulate, norm_rope=rms_norm_rope, swiglu=swiglu, join_swiglu=join_swiglu,
+                 gated_add=gated_add)
 
 
 def vae_norm_act(norm, x: torch.Tensor, silu: bool) -> torch.Tensor:
@@ -144,10 +145,10 @@ class CudaRuntime(TorchRuntime):
         cuda_graphs: replay one captured transformer forward per input shape (removes the CPU launch cost of
         ~1k small kernels per step), and one text-encoder forward per prompt-batch shape while the encoder stays
         on the GPU; default on, off with memory="low". elementwise: "triton" runs the LayerNorm + modulation, the
-        QK RMSNorm + RoPE, the single block's SwiGLU join and the VAE's GroupNorm + SiLU as our Triton kernels
-        (`elementwise.py`); "torch" as the torch ops of the reference backend.
-        compile: torch.compile the torch elementwise steps instead (modulation, norm + RoPE, attention, SwiGLU
-        join; the linears stay eager).
+        QK RMSNorm + RoPE, the SwiGLUs, the gated residuals and the VAE's GroupNorm + SiLU as our Triton kernels
+        (`elementwise.py`), with the VAE channels_last; "torch" as the torch ops of the reference backend.
+        compile: torch.compile the torch elementwise steps instead (modulation, norm + RoPE, attention, SwiGLUs,
+        gated residuals; the linears stay eager).
         """
         if not torch.cuda.is_available():
             raise RuntimeError("CudaRuntime needs a CUDA device; torch.cuda.is_available() is False")
@@ -202,6 +203,8 @@ class CudaRuntime(TorchRuntime):
         torch.cuda.synchronize(device)
         phases["transformer"] = _lap(t0, phases)
         vae = read_vae_decoder(folder, device, dtype, vae_norm_act if elementwise == "triton" else norm_act)
+        if elementwise == "triton":  # cuDNN convolves NHWC natively: no layout transposes around each conv
+            vae = vae.to(memory_format=torch.channels_last)
         torch.cuda.synchronize(device)
         phases["vae"] = _lap(t0, phases)
         packed_te = text_encoder == "4bit" and weights.find_text_encoder(folder)[0] == "hqq"

@@ -78,6 +78,13 @@ def join_swiglu(attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
     return torch.cat([attn, swiglu(mlp)], dim=-1)
 
 
+def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, clip: bool = False) -> torch.Tensor:
+    """The gated residual x + gate * y (gate [B, 1, D]); clip: then clipped to the fp16 range, as diffusers clips
+    the text and single streams."""
+    out = torch.addcmul(x, gate, y)
+    return clip_fp16(out) if clip else out
+
+
 @dataclass(frozen=True)
 class Ops:
     """The elementwise steps a backend may run as other code of the same math (CUDA: Triton kernels, or
@@ -86,7 +93,9 @@ class Ops:
     modulate: Callable = modulate
     norm_rope: Callable = norm_rope
     attention: Callable = attention
+    swiglu: Callable = swiglu
     join_swiglu: Callable = join_swiglu
+    gated_add: Callable = gated_add
 
 
 TORCH_OPS = Ops()
@@ -138,13 +147,14 @@ class Modulation(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, ops: Ops = TORCH_OPS):
         super().__init__()
+        self.ops = ops
         self.linear_in = _linear(dim, 2 * hidden)
         self.linear_out = _linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_out(swiglu(self.linear_in(x)))
+        return self.linear_out(self.ops.swiglu(self.linear_in(x)))
 
 
 class JointAttention(nn.Module):
@@ -182,20 +192,20 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         self.eps, self.ops = cfg.eps, ops
         self.attn = JointAttention(cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim, cfg.eps, ops)
-        self.ff = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
-        self.ff_context = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim)
+        self.ff = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim, ops)
+        self.ff_context = FeedForward(cfg.inner_dim, cfg.mlp_hidden_dim, ops)
 
     def forward(self, x, c, mod_img, mod_txt, rope):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = split_mod(mod_img, 6)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = split_mod(mod_txt, 6)
-        mod = self.ops.modulate
+        mod, add = self.ops.modulate, self.ops.gated_add
         attn_x, attn_c = self.attn(mod(x, shift_msa, scale_msa, self.eps), mod(c, c_shift_msa, c_scale_msa, self.eps),
                                    rope)
-        x = torch.addcmul(x, gate_msa, attn_x)
-        x = torch.addcmul(x, gate_mlp, self.ff(mod(x, shift_mlp, scale_mlp, self.eps)))
-        c = torch.addcmul(c, c_gate_msa, attn_c)
-        c = torch.addcmul(c, c_gate_mlp, self.ff_context(mod(c, c_shift_mlp, c_scale_mlp, self.eps)))
-        return x, clip_fp16(c)
+        x = add(x, gate_msa, attn_x)
+        x = add(x, gate_mlp, self.ff(mod(x, shift_mlp, scale_mlp, self.eps)))
+        c = add(c, c_gate_msa, attn_c)
+        c = add(c, c_gate_mlp, self.ff_context(mod(c, c_shift_mlp, c_scale_mlp, self.eps)), clip=True)
+        return x, c
 
 
 class ParallelSelfAttention(nn.Module):
@@ -228,7 +238,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, h, mod, rope):
         shift, scale, gate = split_mod(mod, 3)
-        return clip_fp16(torch.addcmul(h, gate, self.attn(self.ops.modulate(h, shift, scale, self.eps), rope)))
+        return self.ops.gated_add(h, gate, self.attn(self.ops.modulate(h, shift, scale, self.eps), rope), clip=True)
 
 
 class NormOut(nn.Module):
