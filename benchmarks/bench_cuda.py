@@ -300,37 +300,43 @@ def vae_category(name: str) -> str:
 
 
 def bench_vae(dtype, reps=5):
-    """The full-size VAE decoder (random weights) at 512^2 and 1024^2: torch GroupNorm vs our Triton
-    GroupNorm + SiLU, NCHW vs channels_last convolutions; median decode time and a GPU-time breakdown."""
+    """The full-size VAE decoder (random weights) at 512^2 and 1024^2: the torch ops, our Triton GroupNorm + SiLU
+    alone ("triton norm"), and every Triton VAE op (the norm, the conv biases folded into the pass after them, the
+    upsampling: what elementwise="triton" runs, channels_last), NCHW vs channels_last convolutions; median decode
+    time and a GPU-time breakdown."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bonsai.backends.cuda.runtime import vae_norm_act
-    from bonsai.backends.torch.vae import load_vae_decoder, norm_act
+    from bonsai.backends.cuda.runtime import TRITON_VAE_OPS, vae_norm_act
+    from bonsai.backends.torch.vae import TORCH_VAE_OPS, VaeOps, load_vae_decoder
     from bonsai.config import VAEConfig
     from bonsai.testing import random_vae
 
     cfg = VAEConfig()
     state = random_vae(cfg)
     rows = []
-    for norm_name, fn in (("torch", norm_act), ("triton", vae_norm_act)):
-        for fmt_name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
-            vae = load_vae_decoder(state, cfg, device="cuda", dtype=dtype, norm_act=fn).to(memory_format=fmt)
-            for hgt, wid in SIZES.values():
-                z = torch.randn(1, cfg.latent_channels, hgt // 8, wid // 8, device="cuda", dtype=dtype)
-                torch.cuda.reset_peak_memory_stats()
-                with torch.inference_mode():
-                    times = timed(lambda: vae(z), reps + 1)
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        vae(z)
-                        torch.cuda.synchronize()
-                cats, other = profile_categories(prof, vae_category)
-                row = dict(norm=norm_name, layout=fmt_name, size=f"{hgt}x{wid}", first_s=times[0],
-                           decode_ms=statistics.median(times[1:]) * 1e3, peak_gb=gb(torch.cuda.max_memory_allocated()),
-                           gpu_ms=sum(cats.values()), **cats, top_other=other)
-                rows.append(row)
-                print(f"vae {norm_name:6s} {fmt_name:13s} {row['size']:9s} decode {row['decode_ms']:6.1f} ms  "
-                      + "  ".join(f"{k} {v:.1f}" for k, v in cats.items()), flush=True)
-            del vae
+    nchw, cl = ("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)
+    # our GroupNorm + SiLU in every norm (the resnets' second norm too), torch's convs, bias adds and upsampling
+    norm_only = VaeOps(norm_act=vae_norm_act, conv_norm_act=lambda conv, norm, x, silu: vae_norm_act(norm, conv(x), silu))
+    variants = [("torch", TORCH_VAE_OPS, nchw), ("torch", TORCH_VAE_OPS, cl), ("triton norm", norm_only, nchw),
+                ("triton norm", norm_only, cl), ("triton", TRITON_VAE_OPS, cl)]
+    for norm_name, ops, (fmt_name, fmt) in variants:
+        vae = load_vae_decoder(state, cfg, device="cuda", dtype=dtype, ops=ops).to(memory_format=fmt)
+        for hgt, wid in SIZES.values():
+            z = torch.randn(1, cfg.latent_channels, hgt // 8, wid // 8, device="cuda", dtype=dtype)
+            torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                times = timed(lambda: vae(z), reps + 1)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    vae(z)
+                    torch.cuda.synchronize()
+            cats, other = profile_categories(prof, vae_category)
+            row = dict(norm=norm_name, layout=fmt_name, size=f"{hgt}x{wid}", first_s=times[0],
+                       decode_ms=statistics.median(times[1:]) * 1e3, peak_gb=gb(torch.cuda.max_memory_allocated()),
+                       gpu_ms=sum(cats.values()), **cats, top_other=other)
+            rows.append(row)
+            print(f"vae {norm_name:6s} {fmt_name:13s} {row['size']:9s} decode {row['decode_ms']:6.1f} ms  "
+                  + "  ".join(f"{k} {v:.1f}" for k, v in cats.items()), flush=True)
+        del vae
     gc.collect()
     torch.cuda.empty_cache()
     return rows
@@ -433,7 +439,7 @@ def markdown(result) -> str:
                       - {"norm", "layout", "size", "first_s", "decode_ms", "peak_gb", "gpu_ms", "top_other"})
         lines += ["", "VAE decoder (full size, random weights), median of 5, and its GPU time by kernel category "
                   "(torch.profiler, ms):", "",
-                  "| GroupNorm | layout | size | decode | peak VRAM | GPU total | " + " | ".join(cats) + " |",
+                  "| VAE ops | layout | size | decode | peak VRAM | GPU total | " + " | ".join(cats) + " |",
                   "|---" * (6 + len(cats)) + "|"]
         for r in result["vae"]:
             lines.append(f"| {r['norm']} | {r['layout']} | {r['size']} | {r['decode_ms']:.1f} ms | {r['peak_gb']:.2f} GB "

@@ -45,6 +45,32 @@ def test_group_norm_silu_equals_the_torch_group_norm(shape, fmt, silu):
     assert_close_bf16(got, want, 1e-3, ulps=2 if silu else 1)
 
 
+@pytest.mark.parametrize("c_in, c_out, size", [(512, 512, 64), (256, 128, 96), (128, 3, 80)])
+def test_conv_bias_folds_equal_the_torch_convs(c_in, c_out, size):
+    """channels_last, as the VAE runs: the conv bias added inside the norm's passes, or with the residual in one
+    pass, against torch's own cuDNN conv (whose bias add is a separate op); the 2x nearest upsampling."""
+    from bonsai.backends.cuda.elementwise import conv_bias_add, conv_group_norm_silu, upsample_nearest
+    from bonsai.backends.torch.vae import GroupNorm, conv_add, conv_norm_act, upsample
+
+    g = torch.Generator("cuda").manual_seed(5)
+    cl = torch.channels_last
+    layer = torch.nn.Conv2d(c_in, c_out, 3, padding=1).cuda()
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(c_out, generator=g, device="cuda"))
+    layer = layer.to(BF16, memory_format=cl)
+    h = torch.randn(2, c_in, size, size, generator=g, device="cuda").to(BF16).contiguous(memory_format=cl)
+    x = (3 * torch.randn(2, c_out, size, size, generator=g, device="cuda")).to(BF16).contiguous(memory_format=cl)
+    with torch.inference_mode():
+        got, want = conv_bias_add(layer, h, x), conv_add(layer, h, x)
+        assert got.is_contiguous(memory_format=cl) and torch.equal(got, want)
+        assert torch.equal(conv_bias_add(layer, h), layer(h))
+        assert torch.equal(upsample_nearest(x), upsample(x))
+        if c_out % 32 == 0:
+            norm = GroupNorm(32, c_out, eps=1e-6).cuda().to(BF16)
+            assert_close_bf16(conv_group_norm_silu(layer, norm, h, True), conv_norm_act(layer, norm, h, True), 1e-3,
+                              ulps=2)
+
+
 def test_rms_norm_rope_equals_norm_then_rope():
     """Real widths: 24 heads of 128, text and image parts from strided views of their projections."""
     from bonsai import latents
@@ -117,7 +143,7 @@ def test_modulate_equals_layer_norm_then_affine():
 def test_transformer_and_vae_with_triton_elementwise_equal_the_torch_ops():
     """The whole model (3 real-width blocks) and the VAE decoder with the kernels in place: as close to the
     float32 model as the bf16 torch ops are (bf16 noise over random weights is ~1% here)."""
-    from bonsai.backends.cuda.runtime import TRITON_OPS, vae_norm_act
+    from bonsai.backends.cuda.runtime import TRITON_OPS, TRITON_VAE_OPS
     from bonsai.backends.torch.transformer import load_transformer
     from bonsai.backends.torch.vae import load_vae_decoder
     from bonsai.config import TransformerConfig, VAEConfig
@@ -141,11 +167,15 @@ def test_transformer_and_vae_with_triton_elementwise_equal_the_torch_ops():
     with torch.inference_mode():
         f32 = load_vae_decoder(state, vcfg, device="cuda")(z.float())
         want = load_vae_decoder(state, vcfg, device="cuda", dtype=BF16)(z).float()
-        img = load_vae_decoder(state, vcfg, device="cuda", dtype=BF16, norm_act=vae_norm_act)(z).float()
+        vae = load_vae_decoder(state, vcfg, device="cuda", dtype=BF16, ops=TRITON_VAE_OPS)
+        img = vae.to(memory_format=torch.channels_last)(z).float()
     assert err(img, f32) <= 1.25 * err(want, f32) + 1e-3, (err(img, f32), err(want, f32), err(img, want))
 
 
 def test_pipeline_renders_the_same_image_with_either_elementwise_option(tmp_path):
+    """The two bf16 renders within issue 13's fidelity envelope, diffusers' own bf16 vs fp32 on CUDA (max
+    12-13/255, mean 1.1/255): besides the kernels' roundings (each checked to 1-2 ulps above), the decoders differ
+    in layout (the torch ops keep it NCHW, so cuDNN runs other convolution kernels)."""
     import numpy as np
 
     from bonsai import testing
@@ -158,4 +188,4 @@ def test_pipeline_renders_the_same_image_with_either_elementwise_option(tmp_path
     images = [np.asarray(Pipeline.from_pretrained(repo, backend="cuda", elementwise=e)(
         "a bonsai", width=128, height=128, seed=3, progress=False).images[0], dtype=np.int16) for e in ("triton", "torch")]
     diff = np.abs(images[0] - images[1])
-    assert diff.max() <= 8 and diff.mean() < 1.0, (diff.max(), diff.mean())
+    assert diff.max() <= 13 and diff.mean() < 1.0, (diff.max(), diff.mean())

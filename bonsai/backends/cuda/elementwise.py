@@ -2,7 +2,10 @@
 torch code it replaces rounds.
 
 - `group_norm_silu`: the VAE's GroupNorm (float32 statistics, one rounding) with the SiLU that follows it, in a
-  statistics pass and one normalizing pass over NCHW or channels_last tensors.
+  statistics pass and one normalizing pass over NCHW or channels_last tensors; `conv_group_norm_silu` adds the
+  conv's bias before it inside those passes.
+- `conv_bias_add`: a channels_last conv's bias and the residual add after it in one pass (torch adds the bias of
+  a cuDNN conv as a separate, broadcasting op); `upsample_nearest`: the VAE's 2x nearest upsampling.
 - `rms_norm_rope`: the attention's QK RMSNorm and the RoPE pair rotation in one pass, written straight into the
   tensor SDPA reads (the double-stream block's text and image parts into their rows, no `cat`).
 - `join_swiglu`: the single block's [attention | SiLU(gate) * value] in one pass; `swiglu` the same kernel for the
@@ -84,37 +87,42 @@ def _group_norm_kernels():
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["n_chunks"])
-    def stats_cl(x_ptr, mean_ptr, m2_ptr, HW, C, n_chunks, PIX: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
-        # channels_last [B, HW, C]: PIX pixels x BLOCK_C channels, in [BLOCK_P, BLOCK_C] tiles (rows of contiguous
-        # channels) merged with Chan's formula -> per channel, the mean and centred sum of squares of its PIX
-        # pixels; `combine` merges a group's entries.
+    def stats_cl(x_ptr, pre_ptr, mean_ptr, m2_ptr, HW, C, n_chunks, PIX: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr, PRE: tl.constexpr):
+        # channels_last [B, HW, C]: PIX pixels x BLOCK_C channels -> per channel, the mean and centred sum of
+        # squares of its PIX pixels; `combine` merges a group's entries. Sums of x - k, k the chunk's first pixel:
+        # a value of the data keeps the sums small (no cancellation), and the [BLOCK_P, BLOCK_C] accumulators are
+        # reduced once, after the loop. PRE: x is a conv output whose bias is added here, rounded as torch's
+        # separate bias add rounds it.
         bi, cb, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        mean = tl.zeros([BLOCK_C], tl.float32)
-        m2 = tl.zeros([BLOCK_C], tl.float32)
-        count = 0.0
+        cmask = ch < C
+        row0 = bi.to(tl.int64) * HW + chunk * PIX
+        k = tl.load(x_ptr + row0 * C + ch, mask=cmask, other=0.0).to(tl.float32)
+        if PRE:
+            pre = tl.load(pre_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+            k = (k + pre).to(x_ptr.dtype.element_ty).to(tl.float32)
+        s1 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        s2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
         for t in range(0, PIX, BLOCK_P):
-            p = chunk * PIX + t + tl.arange(0, BLOCK_P)
-            mask = (p < HW)[:, None] & (ch < C)[None, :]
-            x = tl.load(x_ptr + (bi.to(tl.int64) * HW + p.to(tl.int64))[:, None] * C + ch[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            n_t = tl.maximum(tl.minimum(HW - chunk * PIX - t, BLOCK_P), 0).to(tl.float32)
-            m_t = tl.sum(x, axis=0) / tl.maximum(n_t, 1.0)
-            d = tl.where(mask, x - m_t[None, :], 0.0)
-            total = tl.maximum(count + n_t, 1.0)
-            delta = m_t - mean
-            mean += delta * (n_t / total)
-            m2 += tl.sum(d * d, axis=0) + delta * delta * (count * n_t / total)
-            count += n_t
+            p = t + tl.arange(0, BLOCK_P)
+            mask = (chunk * PIX + p < HW)[:, None] & cmask[None, :]
+            x = tl.load(x_ptr + (row0 + p)[:, None] * C + ch[None, :], mask=mask, other=0.0).to(tl.float32)
+            if PRE:
+                x = (x + pre[None, :]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            d = tl.where(mask, x - k[None, :], 0.0)
+            s1 += d
+            s2 += d * d
+        n = tl.minimum(HW - chunk * PIX, PIX).to(tl.float32)
+        t1 = tl.sum(s1, axis=0)
         # entry layout [B, C, n_chunks]: a group's entries are one contiguous run of C/G * n_chunks
         out = (bi * C + ch).to(tl.int64) * n_chunks + chunk
-        tl.store(mean_ptr + out, mean, mask=ch < C)
-        tl.store(m2_ptr + out, m2, mask=ch < C)
+        tl.store(mean_ptr + out, k + t1 / n, mask=cmask)
+        tl.store(m2_ptr + out, tl.maximum(tl.sum(s2, axis=0) - t1 * t1 / n, 0.0), mask=cmask)
 
     @triton.jit(do_not_specialize=["G", "CG"])
-    def normalize_cl(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, C, G, CG, BLOCK_P: tl.constexpr,
-                     BLOCK_C: tl.constexpr, SILU: tl.constexpr):
+    def normalize_cl(x_ptr, pre_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, C, G, CG, BLOCK_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr, SILU: tl.constexpr, PRE: tl.constexpr):
         bi, cb, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
         ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -122,6 +130,9 @@ def _group_norm_kernels():
         mask = (p < HW)[:, None] & cmask[None, :]
         offs = (bi.to(tl.int64) * HW + p.to(tl.int64))[:, None] * C + ch[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PRE:
+            pre = tl.load(pre_ptr + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            x = (x + pre).to(x_ptr.dtype.element_ty).to(tl.float32)
         bg = bi * G + ch // CG
         mean = tl.load(stats_ptr + 2 * bg, mask=cmask, other=0.0)[None, :]
         rstd = tl.load(stats_ptr + 2 * bg + 1, mask=cmask, other=0.0)[None, :]
@@ -136,14 +147,22 @@ def _group_norm_kernels():
     return stats, combine, normalize, stats_cl, normalize_cl
 
 
+def channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                    silu: bool) -> torch.Tensor:
+                    silu: bool, pre_bias: torch.Tensor | None = None) -> torch.Tensor:
     """GroupNorm of x [B, C, H, W] (16-bit, NCHW or channels_last) with float32 statistics and affine, rounded
-    once (then SiLU'd and rounded again if `silu`, as `F.silu(GroupNorm(x))`); the output keeps x's layout."""
+    once (then SiLU'd and rounded again if `silu`, as `F.silu(GroupNorm(x))`); the output keeps x's layout.
+    pre_bias [C]: x is a conv's output without its bias; GroupNorm(x + pre_bias), the sum rounded as torch's
+    conv rounds it (channels_last: inside both passes)."""
     b, c, h, w = x.shape
     if c % groups:
         raise ValueError(f"group_norm_silu needs channels divisible by groups, got {c} and {groups}")
-    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    cl = channels_last(x)
+    if pre_bias is not None and not cl:
+        x, pre_bias = x + pre_bias.view(1, c, 1, 1), None
     x = x if cl else x.contiguous()
     hw, cg = h * w, c // groups
     stats, combine, normalize, stats_cl, normalize_cl = _group_norm_kernels()
@@ -160,16 +179,102 @@ def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: to
     mean_rstd = torch.empty(b * groups, 2, device=x.device, dtype=torch.float32)
     y = torch.empty_like(x)
     if cl:
+        pre = x if pre_bias is None else pre_bias
         grid = (b, -(-c // block_c), n_chunks)
-        stats_cl[grid](x, means, m2s, hw, c, n_chunks, PIX=pix, BLOCK_P=block_p, BLOCK_C=block_c)
+        stats_cl[grid](x, pre, means, m2s, hw, c, n_chunks, PIX=pix, BLOCK_P=block_p, BLOCK_C=block_c,
+                       PRE=pre_bias is not None)
         combine[(b * groups,)](means, m2s, mean_rstd, n, hw, n_chunks, eps, BLOCK_L=per, BLOCK=1024)
-        normalize_cl[(b, -(-c // block_c), -(-hw // block_p))](x, y, mean_rstd, weight, bias, hw, c, groups, cg,
-                                                               BLOCK_P=block_p, BLOCK_C=block_c, SILU=silu)
+        normalize_cl[(b, -(-c // block_c), -(-hw // block_p))](x, pre, y, mean_rstd, weight, bias, hw, c, groups,
+                                                               cg, BLOCK_P=block_p, BLOCK_C=block_c, SILU=silu,
+                                                               PRE=pre_bias is not None)
     else:
         stats[(b * groups, n_chunks)](x, means, m2s, cg * hw, n_chunks, BLOCK=TILE)
         combine[(b * groups,)](means, m2s, mean_rstd, n, cg * hw, n_chunks, eps, BLOCK_L=per, BLOCK=1024)
         normalize[(b * c, -(-hw // TILE))](x, y, mean_rstd, weight, bias, hw, c, groups, cg, BLOCK=TILE, SILU=silu)
     return y
+
+
+@functools.cache
+def _conv_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bias_add_cl(h_ptr, b_ptr, x_ptr, out_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                    ADD: tl.constexpr):
+        # channels_last [P pixels, C]: h + bias rounded (torch's conv adds its bias as a separate op), then
+        # + x rounded (the residual), as the two torch adds round.
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (p < P)[:, None] & (ch < C)[None, :]
+        offs = p.to(tl.int64)[:, None] * C + ch[None, :]
+        dt = out_ptr.dtype.element_ty
+        bias = tl.load(b_ptr + ch, mask=ch < C, other=0.0).to(tl.float32)[None, :]
+        y = (tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias).to(dt)
+        if ADD:
+            y = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
+        tl.store(out_ptr + offs, y, mask=mask)
+
+    @triton.jit
+    def upsample_cl(x_ptr, out_ptr, P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        # channels_last [B, H, W, C] -> [B, 2H, 2W, C]: each input pixel's channels into its 2x2 output block.
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (p < P)[:, None] & (ch < C)[None, :]
+        p64 = p.to(tl.int64)
+        v = tl.load(x_ptr + p64[:, None] * C + ch[None, :], mask=mask, other=0.0)
+        row = p64 // W  # b * H + i
+        o = (2 * row * (2 * W) + 2 * (p64 % W))[:, None] * C + ch[None, :]  # output pixel (b, 2i, 2j)
+        for di in range(2):
+            for dj in range(2):
+                tl.store(out_ptr + o + (di * 2 * W + dj) * C, v, mask=mask)
+
+    return bias_add_cl, upsample_cl
+
+
+def _conv_no_bias(layer, x: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.conv2d(x, layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def conv_bias_add(layer, h: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """`layer(h)` (+ x): a channels_last conv without its bias, then the bias (and the residual x) in one pass
+    with the roundings of torch's separate adds; other layouts run the torch code."""
+    if layer.bias is None:
+        return layer(h) if x is None else x + layer(h)
+    y = _conv_no_bias(layer, h)
+    if not channels_last(y) or (x is not None and (x.shape != y.shape or x.stride() != y.stride())):
+        y = y + layer.bias.view(1, -1, 1, 1)
+        return y if x is None else x + y
+    b, c, hh, ww = y.shape
+    block_p, block_c = 32, min(128, 1 << (c - 1).bit_length())
+    grid = (-(-b * hh * ww // block_p), -(-c // block_c))
+    _conv_kernels()[0][grid](y, layer.bias, y if x is None else x, y, b * hh * ww, c, BLOCK_P=block_p,
+                             BLOCK_C=block_c, ADD=x is not None)
+    return y
+
+
+def conv_group_norm_silu(layer, norm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    """`group_norm_silu(layer(x))` with the conv's bias added inside the norm's passes."""
+    if layer.bias is None:
+        return group_norm_silu(layer(x), norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
+    return group_norm_silu(_conv_no_bias(layer, x), norm.num_groups, norm.weight, norm.bias, norm.eps, silu,
+                           pre_bias=layer.bias)
+
+
+def upsample_nearest(x: torch.Tensor) -> torch.Tensor:
+    """2x nearest upsampling of a channels_last [B, C, H, W] (torch's own kernel for other layouts)."""
+    if not channels_last(x):
+        import torch.nn.functional as F
+
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    b, c, h, w = x.shape
+    out = torch.empty(b, c, 2 * h, 2 * w, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    block_p, block_c = 32, min(128, 1 << (c - 1).bit_length())
+    _conv_kernels()[1][(-(-b * h * w // block_p), -(-c // block_c))](x, out, b * h * w, h, w, c, BLOCK_P=block_p,
+                                                                     BLOCK_C=block_c)
+    return out
 
 
 @functools.cache

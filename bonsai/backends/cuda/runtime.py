@@ -20,10 +20,11 @@ from ..torch.runtime import (Cond, LazyModel, TorchRuntime, read_transformer, re
                              vae_encoder_loader)
 from ..torch.text_encoder import encode as encode_text
 from ..torch.transformer import TORCH_OPS, Ops, load_transformer
-from ..torch.vae import norm_act
+from ..torch.vae import TORCH_VAE_OPS, VaeOps
 from . import choice
 from .choice import GemmChoices
-from .elementwise import gated_add, group_norm_silu, join_swiglu, modulate, rms_norm_rope, swiglu
+from .elementwise import (conv_bias_add, conv_group_norm_silu, gated_add, group_norm_silu, join_swiglu, modulate,
+                          rms_norm_rope, swiglu, upsample_nearest)
 from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ TRITON_OPS = Ops(modulate=modulate, norm_rope=rms_norm_rope, swiglu=swiglu, join
 def vae_norm_act(norm, x: torch.Tensor, silu: bool) -> torch.Tensor:
     """The VAE's GroupNorm (+ SiLU) as Triton passes over the activation (`group_norm_silu`)."""
     return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
+
+
+# elementwise="triton": the VAE's GroupNorm + SiLU, its convs' bias adds (folded into the norm or the residual add
+# after them) and the upsampling as Triton passes over channels_last activations
+TRITON_VAE_OPS = VaeOps(norm_act=vae_norm_act, conv=conv_bias_add, conv_norm_act=conv_group_norm_silu,
+                        conv_add=conv_bias_add, upsample=upsample_nearest)
 
 
 def _lap(t0: float, phases: dict | None = None) -> float:
@@ -202,7 +209,7 @@ class CudaRuntime(TorchRuntime):
             transformer = read_transformer(folder, device, dtype, make_linear, ops)
         torch.cuda.synchronize(device)
         phases["transformer"] = _lap(t0, phases)
-        vae = read_vae_decoder(folder, device, dtype, vae_norm_act if elementwise == "triton" else norm_act)
+        vae = read_vae_decoder(folder, device, dtype, TRITON_VAE_OPS if elementwise == "triton" else TORCH_VAE_OPS)
         if elementwise == "triton":  # cuDNN convolves NHWC natively: no layout transposes around each conv
             vae = vae.to(memory_format=torch.channels_last)
         torch.cuda.synchronize(device)

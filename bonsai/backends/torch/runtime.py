@@ -18,7 +18,7 @@ from .lora import set_adapters as set_lora_adapters
 from .text_encoder import encode as encode_text
 from .text_encoder import load_text_encoder
 from .transformer import TORCH_OPS, Ops, load_transformer
-from .vae import load_vae_decoder, load_vae_encoder, norm_act
+from .vae import TORCH_VAE_OPS, VaeOps, load_vae_decoder, load_vae_encoder
 
 
 ENCODE_BATCH = 8  # prompts per text-encoder forward: bounds its activations (512 tokens each)
@@ -226,10 +226,10 @@ def read_transformer(folder: Path, device, dtype, make_linear, ops: Ops = TORCH_
                             source=str(source), ops=ops)
 
 
-def read_vae_decoder(folder: Path, device, dtype, norm_act=norm_act):
+def read_vae_decoder(folder: Path, device, dtype, ops: VaeOps = TORCH_VAE_OPS):
     config, state = weights.read_vae(folder)
     return load_vae_decoder(state, config, device=device, dtype=dtype, source=str(folder / weights.VAE_FILE),
-                            norm_act=norm_act)
+                            ops=ops)
 
 
 def vae_encoder_loader(folder: Path, device, dtype) -> LazyModel:

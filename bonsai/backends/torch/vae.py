@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -38,15 +39,49 @@ class GroupNorm(nn.GroupNorm):
 
 
 def norm_act(norm: GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
-    """`norm(x)`, then SiLU if `silu`: the step a backend may replace (CUDA: one Triton kernel pair)."""
+    """`norm(x)`, then SiLU if `silu`."""
     y = norm(x)
     return F.silu(y) if silu else y
 
 
+def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
+def conv_norm_act(layer: nn.Conv2d, norm: GroupNorm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    """`norm_act(norm, layer(x), silu)`: a resnet's first conv into its second norm."""
+    return norm_act(norm, layer(x), silu)
+
+
+def conv_add(layer: nn.Conv2d, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x + layer(h): a resnet's second conv and its residual."""
+    return x + layer(h)
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+@dataclass(frozen=True)
+class VaeOps:
+    """The decoder's steps a backend may replace, each with the arithmetic of the torch function here (CUDA:
+    Triton kernels that fold a conv's bias into the pass after it, `bonsai.backends.cuda.elementwise`). Each field
+    is one step on its own: `conv_norm_act` does not call `norm_act`."""
+
+    norm_act: Callable = norm_act
+    conv: Callable = conv
+    conv_norm_act: Callable = conv_norm_act
+    conv_add: Callable = conv_add
+    upsample: Callable = upsample
+
+
+TORCH_VAE_OPS = VaeOps()
+
+
 class ResnetBlock2D(nn.Module):
-    def __init__(self, c_in: int, c_out: int, groups: int, norm_act: Callable = norm_act):
+    def __init__(self, c_in: int, c_out: int, groups: int, ops: VaeOps = TORCH_VAE_OPS):
         super().__init__()
-        self.norm_act = norm_act
+        self.ops = ops
         self.norm1 = GroupNorm(groups, c_in, eps=GN_EPS)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.norm2 = GroupNorm(groups, c_out, eps=GN_EPS)
@@ -54,34 +89,34 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm_act(self.norm1, x, True))
-        h = self.conv2(self.norm_act(self.norm2, h, True))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        ops = self.ops
+        h = ops.conv_norm_act(self.conv1, self.norm2, ops.norm_act(self.norm1, x, True), True)
+        return ops.conv_add(self.conv2, h, x if self.conv_shortcut is None else ops.conv(self.conv_shortcut, x))
 
 
 class Attention(nn.Module):
     """Single-head self-attention over all positions, with a GroupNorm in front and a residual."""
 
-    def __init__(self, c: int, groups: int, norm_act: Callable = norm_act):
+    def __init__(self, c: int, groups: int, ops: VaeOps = TORCH_VAE_OPS):
         super().__init__()
-        self.norm_act = norm_act
+        self.ops = ops
         self.group_norm = GroupNorm(groups, c, eps=GN_EPS)
         self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
         self.to_out = nn.ModuleList([nn.Linear(c, c)])  # key "to_out.0"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.norm_act(self.group_norm, x, False).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        t = self.ops.norm_act(self.group_norm, x, False).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
         out = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class MidBlock(nn.Module):
-    def __init__(self, c: int, groups: int, add_attention: bool, norm_act: Callable = norm_act):
+    def __init__(self, c: int, groups: int, add_attention: bool, ops: VaeOps = TORCH_VAE_OPS):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(c, c, groups, norm_act), ResnetBlock2D(c, c, groups, norm_act)])
-        self.attentions = nn.ModuleList([Attention(c, groups, norm_act)]) if add_attention else None
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, c, groups, ops), ResnetBlock2D(c, c, groups, ops)])
+        self.attentions = nn.ModuleList([Attention(c, groups, ops)]) if add_attention else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -91,22 +126,23 @@ class MidBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, ops: VaeOps = TORCH_VAE_OPS):
         super().__init__()
+        self.ops = ops
         self.conv = nn.Conv2d(c, c, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.ops.conv(self.conv, self.ops.upsample(x))
 
 
 class UpBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, n_resnets: int, groups: int, upsample: bool,
-                 norm_act: Callable = norm_act):
+                 ops: VaeOps = TORCH_VAE_OPS):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, groups, norm_act) for i in range(n_resnets)]
+            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, groups, ops) for i in range(n_resnets)]
         )
-        self.upsamplers = nn.ModuleList([Upsample(c_out)]) if upsample else None
+        self.upsamplers = nn.ModuleList([Upsample(c_out, ops)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -115,26 +151,26 @@ class UpBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig, norm_act: Callable = norm_act):
+    def __init__(self, cfg: VAEConfig, ops: VaeOps = TORCH_VAE_OPS):
         super().__init__()
-        self.norm_act = norm_act
+        self.ops = ops
         chans, groups = cfg.decoder_channels, cfg.norm_num_groups
         top = chans[-1]
         self.conv_in = nn.Conv2d(cfg.latent_channels, top, 3, padding=1)
-        self.mid_block = MidBlock(top, groups, cfg.mid_block_add_attention, norm_act)
+        self.mid_block = MidBlock(top, groups, cfg.mid_block_add_attention, ops)
         rev = list(reversed(chans))
         self.up_blocks = nn.ModuleList(
-            UpBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups, i < len(rev) - 1, norm_act)
+            UpBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, groups, i < len(rev) - 1, ops)
             for i in range(len(rev))
         )
         self.conv_norm_out = GroupNorm(groups, chans[0], eps=GN_EPS)
         self.conv_out = nn.Conv2d(chans[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        x = self.mid_block(self.ops.conv(self.conv_in, z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.norm_act(self.conv_norm_out, x, True))
+        return self.ops.conv(self.conv_out, self.ops.norm_act(self.conv_norm_out, x, True))
 
 
 class BatchStats(nn.Module):
@@ -179,11 +215,11 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 class VAEDecoder(nn.Module):
     """post_quant_conv + decoder + BN statistics of AutoencoderKLFlux2."""
 
-    def __init__(self, cfg: VAEConfig, norm_act: Callable = norm_act):
+    def __init__(self, cfg: VAEConfig, ops: VaeOps = TORCH_VAE_OPS):
         super().__init__()
         self.config = cfg
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
-        self.decoder = Decoder(cfg, norm_act)
+        self.decoder = Decoder(cfg, ops)
         self.bn = BatchStats(4 * cfg.latent_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -226,11 +262,11 @@ def decoder_state(state: dict) -> dict:
 
 
 def load_vae_decoder(state: dict, config: VAEConfig, device="cpu", dtype: torch.dtype = torch.float32,
-                     source="VAE", norm_act: Callable = norm_act) -> VAEDecoder:
+                     source="VAE", ops: VaeOps = TORCH_VAE_OPS) -> VAEDecoder:
     """Build the decoder from a full VAE state dict; strict on decoder keys (`bonsai.state.check_state`, naming
-    `source`, the file the state came from). `norm_act`: the GroupNorm(+SiLU) step (see `norm_act`)."""
+    `source`, the file the state came from). `ops`: the decoder steps a backend replaces (see `VaeOps`)."""
     with torch.device("meta"):
-        model = VAEDecoder(config, norm_act)
+        model = VAEDecoder(config, ops)
     given = decoder_state(state)
     check_state(source, {k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in given.items()})
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in given.items()}, strict=True, assign=True)

@@ -1,0 +1,198 @@
+"""Study: the expand + cuBLAS linear's expand pass (2.8 ms of a 1024x1024 step), three ways, on the FLUX shapes.
+
+- `serial`: what `linear="expand"` does now: the whole [N, K] bf16 weight expanded to HBM, then cuBLAS.
+- `chunked/<MB>`: rows expanded in chunks of about <MB> into one small buffer that stays in L2, each chunk's
+  GEMM written straight into its output columns (cuBLAS takes the [M, N] output's column slice, ld = N).
+- `prefetch`: the next layer's expand on a second stream while this layer's GEMM (and the attention between)
+  runs, into the other of two buffers.
+Everything is captured in CUDA graphs (as the runtime replays the step) and timed by replays; `dense` is cuBLAS
+on a resident bf16 weight ([N, K] as F.linear reads it, and stored transposed [K, N]). The chain rows run 20
+single blocks' [linear1, attention, linear2].
+
+    python benchmarks/expand_study.py --out /tmp/out/h200-expand-study
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cuda import FLUX_SHAPES, random_lowbit, tflops  # noqa: E402
+from common import header, new_result, write_results  # noqa: E402
+
+from bonsai.backends.cuda.kernels import expand_lowbit  # noqa: E402
+
+HEADS, HEAD_DIM = 24, 128
+
+
+def graph_ms(fn, reps=20, rounds=5) -> float:
+    """Median ms of one fn() replayed from a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def expand(w, out):
+    return expand_lowbit(w.packed, w.scales, w.bits, 128, w.shape[1], out)
+
+
+def serial(x, w, buf):
+    n, k = w.shape
+    return F.linear(x, expand(w, buf[: n * k].view(n, k)))
+
+
+def chunked(x, w, buf, rows, out):
+    """out [M, N] = x @ W.T, W expanded `rows` output rows at a time into buf (L2-resident)."""
+    n, k = w.shape
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        wc = buf[: (n1 - n0) * k].view(n1 - n0, k)  # [rows, K]
+        expand_lowbit(w.packed[n0:n1], w.scales[n0:n1], w.bits, 128, k, wc)
+        torch.mm(x, wc.t(), out=out[:, n0:n1])
+    return out
+
+
+def chunk_rows(k: int, mb: int) -> int:
+    return max(128, (mb << 20) // (2 * k) // 128 * 128)
+
+
+def attention(h, m):
+    q = h[:, : HEADS * HEAD_DIM].reshape(1, m, HEADS, HEAD_DIM).transpose(1, 2)  # [1, H, M, d]
+    return F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(m, HEADS * HEAD_DIM)
+
+
+def chain(mode, x, layers, bufs, outs, denses, mb=16):
+    """20 single blocks: h = lin1(x); a = attention(h); y = lin2([a | h[:, 3072*3:]]) (shapes as klein's)."""
+    m = x.shape[0]
+    main = torch.cuda.current_stream()
+    flat = [w for pair in layers for w in pair]
+    if mode == "prefetch":
+        side, ready, done = bufs[2], [torch.cuda.Event() for _ in flat], [torch.cuda.Event() for _ in flat]
+        n, k = flat[0].shape
+        expand(flat[0], bufs[0][: n * k].view(n, k))
+        ready[0].record(main)
+    i = 0
+    for w1, w2 in layers:
+        hs = []
+        for w, out in ((w1, outs[0]), (w2, outs[1])):
+            inp = x if w is w1 else torch.cat([attention(hs[0], m), hs[0][:, 3 * 3072:3 * 3072 + 9216]], dim=1)
+            n, k = w.shape
+            if mode == "dense":
+                y = F.linear(inp, denses[id(w)])
+            elif mode == "serial":
+                y = serial(inp, w, bufs[0])
+            elif mode == "chunked":
+                y = chunked(inp, w, bufs[0], chunk_rows(k, mb), out)
+            else:
+                main.wait_event(ready[i])
+                if i + 1 < len(flat):
+                    side.wait_stream(main) if i == 0 else side.wait_event(done[i - 1])
+                    with torch.cuda.stream(side):
+                        nn_, kn = flat[i + 1].shape
+                        expand(flat[i + 1], bufs[(i + 1) % 2][: nn_ * kn].view(nn_, kn))
+                        ready[i + 1].record(side)
+                y = F.linear(inp, bufs[i % 2][: n * k].view(n, k))
+                done[i].record(main)
+            hs.append(y)
+            i += 1
+        x = hs[1]
+    if mode == "prefetch":
+        main.wait_stream(side)
+    return x
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ms", default="1536,4608")
+    ap.add_argument("--chunks-mb", default="8,16,32")
+    ap.add_argument("--blocks", type=int, default=20)
+    args = ap.parse_args(argv)
+    result = new_result(argv)
+    gen = torch.Generator("cuda").manual_seed(0)
+    ms, chunks = [int(v) for v in args.ms.split(",")], [int(v) for v in args.chunks_mb.split(",")]
+    buf = torch.empty(27648 * 3072, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for name, k, n in FLUX_SHAPES:
+        w = random_lowbit(n, k, "ternary", gen)
+        dense = expand(w, torch.empty(n, k, device="cuda", dtype=torch.bfloat16))
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x, dense)
+            # cuBLAS may pick another kernel (split-K) for a chunk's N: then the chunks' bits differ from dense
+            exact = all(torch.equal(chunked(x, w, buf, chunk_rows(k, mb), out), ref) for mb in chunks)
+            dense_t = dense.t().contiguous()  # [K, N]: cuBLAS's NN GEMM instead of TN picks other kernels
+            row = dict(chunked_exact=exact, linear=name, K=k, N=n, M=m, dense_ms=graph_ms(lambda: F.linear(x, dense)),
+                       dense_nn_ms=graph_ms(lambda: torch.mm(x, dense_t)),
+                       expand_ms=graph_ms(lambda: expand(w, buf[: n * k].view(n, k))),
+                       serial_ms=graph_ms(lambda: serial(x, w, buf)))
+            for mb in chunks:
+                row[f"chunked{mb}_ms"] = graph_ms(lambda: chunked(x, w, buf, chunk_rows(k, mb), out))
+            del dense_t
+            rows.append(row)
+            print({key: round(v, 3) if isinstance(v, float) else v for key, v in row.items()}, flush=True)
+        del dense
+    # chain of single blocks: linear1 3072 -> 27648 (q, k, v, 2 x 9216 MLP), linear2 12288 -> 3072
+    layers, denses = [], {}
+    for _ in range(args.blocks):
+        pair = []
+        for k, n in ((3072, 27648), (12288, 3072)):
+            w = random_lowbit(n, k, "ternary", gen)
+            pair.append(w)
+            denses[id(w)] = expand(w, torch.empty(n, k, device="cuda", dtype=torch.bfloat16))
+        layers.append(pair)
+    bufs = [buf, torch.empty_like(buf), torch.cuda.Stream()]
+    chains = []
+    for m in ms:
+        x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
+        outs = [torch.empty(m, 27648, device="cuda", dtype=torch.bfloat16),
+                torch.empty(m, 3072, device="cuda", dtype=torch.bfloat16)]
+        ref = chain("dense", x, layers, bufs, outs, denses)
+        row = dict(M=m, blocks=args.blocks)
+        for mode in ("dense", "serial", "chunked", "prefetch"):
+            got = chain(mode, x, layers, bufs, outs, denses)
+            torch.cuda.synchronize()
+            row[f"{mode}_exact"] = bool(torch.equal(got, ref))
+            row[f"{mode}_ms"] = graph_ms(lambda: chain(mode, x, layers, bufs, outs, denses), reps=5)
+        chains.append(row)
+        print(row, flush=True)
+    result.update(linears=rows, chains=chains)
+    md = ["# expand study", "", *header(result),
+          "| linear | M | dense | dense, W stored [K, N] | expand alone | serial | "
+          + " | ".join(f"chunked {c} MB" for c in chunks) + " |", "|---|---|---|---|---|---|" + "---|" * len(chunks)]
+    for r in rows:
+        md.append(f"| {r['linear']} {r['K']}→{r['N']} | {r['M']} | {r['dense_ms']:.3f} "
+                  f"({tflops(r['M'], r['K'], r['N'], r['dense_ms']):.0f} TF/s) | {r['dense_nn_ms']:.3f} | "
+                  f"{r['expand_ms']:.3f} | {r['serial_ms']:.3f} | " + " | ".join(f"{r[f'chunked{c}_ms']:.3f}" for c in chunks) + " |")
+    md += ["", f"{args.blocks} single blocks [linear1, attention, linear2], ms per chain (exact = bit-equal to dense):",
+           "", "| M | dense | serial | chunked 16 MB | prefetch |", "|---|---|---|---|---|"]
+    for r in chains:
+        md.append(f"| {r['M']} | " + " | ".join(f"{r[f'{m}_ms']:.2f}{'' if r[f'{m}_exact'] else ' (differs)'}"
+                                               for m in ("dense", "serial", "chunked", "prefetch")) + " |")
+    write_results(args.out, result, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
