@@ -19,6 +19,7 @@ import math
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -267,7 +268,7 @@ def kernel_category(name: str) -> str:
         return "expand (ours)"
     if "gemm" in n and "gemlite" not in n or any(k in n for k in ("nvjet", "cutlass", "sm90_xmma", "cublas")):
         return "GEMM (cuBLAS)"
-    if any(k in n for k in ("flash", "fmha", "attention", "cudnn")):
+    if any(k in n for k in ("flash", "fmha", "attention", "cudnn", "softmax")):
         return "attention (SDPA)"
     if "gemlite" in n or "gemm" in n:
         return "GEMM (gemlite)"
@@ -290,20 +291,21 @@ def profile_categories(prof, categorize, top=10):
 
 def vae_category(name: str) -> str:
     n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "sdpa", "softmax")):  # before "cutlass": fmha_cutlassF
+        return "attention"
     if any(k in n for k in ("conv", "implicit", "xmma", "sm90", "cutlass", "nvjet", "gemm", "winograd", "fft")):
         return "convolution"
     if any(k in n for k in ("group_norm", "stats", "combine", "normalize", "reduce", "welford")):
         return "group norm"
-    if any(k in n for k in ("flash", "fmha", "attention", "cudnn")):
-        return "attention"
     return "other (SiLU, adds, upsample, copies)"
 
 
 def bench_vae(dtype, reps=5):
     """The full-size VAE decoder (random weights) at 512^2 and 1024^2: the torch ops, our Triton GroupNorm + SiLU
     alone ("triton norm"), and every Triton VAE op (the norm, the conv biases folded into the pass after them, the
-    upsampling: what elementwise="triton" runs, channels_last), NCHW vs channels_last convolutions; median decode
-    time and a GPU-time breakdown."""
+    upsampling, the attention as GEMMs around a Triton softmax: what elementwise="triton" runs, channels_last; and
+    the same with torch's SDPA attention), NCHW vs channels_last convolutions; median decode time and a GPU-time
+    breakdown (the attention's GEMMs count as convolution)."""
     from torch.profiler import ProfilerActivity, profile
 
     from bonsai.backends.cuda.runtime import TRITON_VAE_OPS, vae_norm_act
@@ -317,8 +319,9 @@ def bench_vae(dtype, reps=5):
     nchw, cl = ("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)
     # our GroupNorm + SiLU in every norm (the resnets' second norm too), torch's convs, bias adds and upsampling
     norm_only = VaeOps(norm_act=vae_norm_act, conv_norm_act=lambda conv, norm, x, silu: vae_norm_act(norm, conv(x), silu))
+    sdpa = replace(TRITON_VAE_OPS, attention=TORCH_VAE_OPS.attention)
     variants = [("torch", TORCH_VAE_OPS, nchw), ("torch", TORCH_VAE_OPS, cl), ("triton norm", norm_only, nchw),
-                ("triton norm", norm_only, cl), ("triton", TRITON_VAE_OPS, cl)]
+                ("triton norm", norm_only, cl), ("triton, sdpa", sdpa, cl), ("triton", TRITON_VAE_OPS, cl)]
     for norm_name, ops, (fmt_name, fmt) in variants:
         vae = load_vae_decoder(state, cfg, device="cuda", dtype=dtype, ops=ops).to(memory_format=fmt)
         for hgt, wid in SIZES.values():

@@ -9,7 +9,12 @@ Everything is captured in CUDA graphs (as the runtime replays the step) and time
 on a resident bf16 weight ([N, K] as F.linear reads it, and stored transposed [K, N]). The chain rows run 20
 single blocks' [linear1, attention, linear2].
 
+`--sweep` instead times the expand kernel alone over its (BLOCK_N, BLOCK_K, num_warps) on every shape it expands
+(the transformer's binary and ternary linears, the text encoder's 4-bit g64 ones), in TB/s of bytes moved, beside
+a bf16 fill and copy of the weight's size (what HBM allows).
+
     python benchmarks/expand_study.py --out /tmp/out/h200-expand-study
+    python benchmarks/expand_study.py --sweep --out /tmp/out/h200-expand-sweep
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from common import header, new_result, write_results  # noqa: E402
 from bonsai.backends.cuda.kernels import expand_lowbit  # noqa: E402
 
 HEADS, HEAD_DIM = 24, 128
+TEXT_SHAPES = [("te q", 2560, 4096), ("te k/v", 2560, 1024), ("te o", 4096, 2560), ("te gate/up", 2560, 9728),
+               ("te down", 9728, 2560)]  # Qwen3-4B (name, in, out)
+SWEEP = [(n, k, w) for n in (16, 32, 64) for k in (256, 512, 1024) for w in (4, 8) if 8 <= n * k // (32 * w) <= 128]
 
 
 def graph_ms(fn, reps=20, rounds=5) -> float:
@@ -122,15 +130,70 @@ def chain(mode, x, layers, bufs, outs, denses, mb=16):
     return x
 
 
+def sweep(result, gen) -> list[str]:
+    """Rows of the expand kernel's configs per shape; returns the markdown."""
+    rows = []
+    for kind in ("ternary", "binary", "int4"):
+        for name, k, n in FLUX_SHAPES if kind != "int4" else TEXT_SHAPES:
+            if kind == "int4":
+                bits, group = 4, 64
+                packed = torch.randint(0, 256, (n, k // 2), generator=gen, device="cuda", dtype=torch.uint8)
+                scales, zeros = (torch.rand(n, k // group, generator=gen, device="cuda").to(torch.bfloat16)
+                                 for _ in range(2))
+            else:
+                w = random_lowbit(n, k, kind, gen)
+                bits, group, packed, scales, zeros = w.bits, 128, w.packed, w.scales, None
+            out = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+            moved = out.nbytes + packed.nbytes + scales.nbytes + (zeros.nbytes if zeros is not None else 0)
+            ref = expand_lowbit(packed, scales, bits, group, k, torch.empty_like(out), zeros=zeros)
+            other = torch.empty_like(out)
+            row = dict(kind=kind, linear=name, K=k, N=n, bytes=moved,
+                       fill_ms=graph_ms(lambda: out.fill_(1.0)), copy_ms=graph_ms(lambda: out.copy_(other)))
+            for cfg in SWEEP:
+                if k % cfg[1] or cfg[1] % group:
+                    continue
+                out.zero_()
+                expand_lowbit(packed, scales, bits, group, k, out, zeros=zeros, config=cfg)
+                if not torch.equal(out, ref):
+                    raise AssertionError(f"{kind} {name}: config {cfg} expands other values than the default")
+                row["x".join(map(str, cfg))] = graph_ms(
+                    lambda: expand_lowbit(packed, scales, bits, group, k, out, zeros=zeros, config=cfg))
+            row["default_ms"] = graph_ms(lambda: expand_lowbit(packed, scales, bits, group, k, out, zeros=zeros))
+            rows.append(row)
+            print({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}, flush=True)
+    result.update(sweep=rows, configs=["x".join(map(str, c)) for c in SWEEP])
+    tbs = lambda r, key: f"{r['bytes'] / r[key] / 1e9:.2f}"  # noqa: E731  bytes / ms -> TB/s
+    md = ["Expand kernel alone, TB/s of bytes moved (bf16 weight written, codes, scales and zeros read); best config "
+          "in bold. fill: a bf16 fill of the weight; copy: a bf16 copy (its bytes counted once, as written).", "",
+          "| kind | linear | fill | copy | default | best config | best |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cfgs = [c for c in result["configs"] if c in r]
+        best = min(cfgs, key=lambda c: r[c])
+        weight = r["N"] * r["K"] * 2
+        md.append(f"| {r['kind']} | {r['linear']} {r['K']}→{r['N']} | {weight / r['fill_ms'] / 1e9:.2f} | "
+                  f"{weight / r['copy_ms'] / 1e9:.2f} | {tbs(r, 'default_ms')} | {best} | **{tbs(r, best)}** |")
+    configs = result["configs"]
+    md += ["", "Per config (BLOCK_N x BLOCK_K x warps), TB/s:", "",
+           "| kind | linear | " + " | ".join(configs) + " |", "|---|---|" + "---|" * len(configs)]
+    for r in rows:
+        md.append(f"| {r['kind']} | {r['linear']} | " + " | ".join(tbs(r, c) if c in r else "" for c in configs) + " |")
+    return md
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--ms", default="1536,4608")
     ap.add_argument("--chunks-mb", default="8,16,32")
     ap.add_argument("--blocks", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="only the expand kernel's configs")
     args = ap.parse_args(argv)
     result = new_result(argv)
     gen = torch.Generator("cuda").manual_seed(0)
+    if args.sweep:
+        md = ["# expand kernel sweep", "", *header(result), *sweep(result, gen)]
+        write_results(args.out, result, "\n".join(md) + "\n")
+        return
     ms, chunks = [int(v) for v in args.ms.split(",")], [int(v) for v in args.chunks_mb.split(",")]
     buf = torch.empty(27648 * 3072, device="cuda", dtype=torch.bfloat16)
     rows = []

@@ -86,6 +86,18 @@ def keep_resident(free_bytes: int, need_bytes: int, margin: float = 1.25) -> boo
     return free_bytes >= margin * need_bytes
 
 
+def cuda_bytes(device) -> dict[str, int]:
+    """The CUDA caching allocator's bytes: allocated now ("current"), its peak since the last reset ("peak") and
+    reserved from the driver ("reserved"). One stats call: `torch.cuda.memory_allocated` and its siblings each
+    flatten the whole stats tree in Python (~0.7 ms apiece, on the host between renders)."""
+    import torch
+
+    stats = torch.cuda.memory_stats_as_nested_dict(device)
+    allocated = stats.get("allocated_bytes", {}).get("all", {})  # empty before the first allocation
+    return dict(current=allocated.get("current", 0), peak=allocated.get("peak", 0),
+                reserved=stats.get("reserved_bytes", {}).get("all", {}).get("current", 0))
+
+
 def available_bytes(device) -> int | None:
     """Free memory for new allocations on a torch device: CUDA's free memory plus the allocator's unused cache;
     on a CPU, MemAvailable from /proc/meminfo. None where unknown."""
@@ -93,7 +105,8 @@ def available_bytes(device) -> int | None:
         import torch
 
         free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        held = cuda_bytes(device)
+        return free + held["reserved"] - held["current"]
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -140,6 +140,27 @@ def test_modulate_equals_layer_norm_then_affine():
     assert_close_bf16(got, want, 1e-3, ulps=2)
 
 
+@pytest.mark.parametrize("b, n, scratch_rows", [(1, 16384, None), (2, 4096, None), (1, 4096, 512), (1, 1000, 128)])
+def test_vae_attention_as_gemms_is_as_close_to_float32_as_sdpa(monkeypatch, b, n, scratch_rows):
+    """The VAE's head-dim-512 attention (16384 positions at 1024x1024: four chunks of 4096 queries; or shorter
+    chunks) against float32 attention: its mean error within 1.1x bf16 SDPA's own, its largest under the issue's
+    1e-2 relative. (The largest alone is one element's: on the H200 it ranged 1.07-1.7x SDPA's over these inputs
+    while the mean errors stayed within 1.03x.)"""
+    from bonsai.backends.cuda import elementwise
+
+    if scratch_rows is not None:
+        monkeypatch.setattr(elementwise, "ATTENTION_SCRATCH", 6 * n * scratch_rows)
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, 1, n, 512, generator=g, device="cuda").to(BF16) for _ in range(3))
+    f32 = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    got = elementwise.attention(q, k, v)
+    assert got.dtype == BF16 and got.shape == q.shape
+    mean_err = lambda y: (y.float() - f32).abs().mean().item()  # noqa: E731
+    assert mean_err(got) <= 1.1 * mean_err(sdpa), (mean_err(got), mean_err(sdpa))
+    assert ((got.float() - f32).abs().max() / f32.abs().max()).item() <= 1e-2
+
+
 def test_transformer_and_vae_with_triton_elementwise_equal_the_torch_ops():
     """The whole model (3 real-width blocks) and the VAE decoder with the kernels in place: as close to the
     float32 model as the bf16 torch ops are (bf16 noise over random weights is ~1% here)."""

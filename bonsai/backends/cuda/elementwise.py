@@ -6,6 +6,8 @@ torch code it replaces rounds.
   conv's bias before it inside those passes.
 - `conv_bias_add`: a channels_last conv's bias and the residual add after it in one pass (torch adds the bias of
   a cuDNN conv as a separate, broadcasting op); `upsample_nearest`: the VAE's 2x nearest upsampling.
+- `attention`: the VAE's single-head attention (head dim 512, past what FlashAttention and cuDNN take) as cuBLAS
+  GEMMs over query chunks around `softmax_rows`, a fp32-scores-to-bf16-probabilities softmax in one pass.
 - `rms_norm_rope`: the attention's QK RMSNorm and the RoPE pair rotation in one pass, written straight into the
   tensor SDPA reads (the double-stream block's text and image parts into their rows, no `cat`).
 - `join_swiglu`: the single block's [attention | SiLU(gate) * value] in one pass; `swiglu` the same kernel for the
@@ -274,6 +276,67 @@ def upsample_nearest(x: torch.Tensor) -> torch.Tensor:
     block_p, block_c = 32, min(128, 1 << (c - 1).bit_length())
     _conv_kernels()[1][(-(-b * h * w // block_p), -(-c // block_c))](x, out, b * h * w, h, w, c, BLOCK_P=block_p,
                                                                      BLOCK_C=block_c)
+    return out
+
+
+@functools.cache
+def _softmax_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["L"])
+    def softmax_rows(s_ptr, out_ptr, L, scale, BLOCK: tl.constexpr):
+        # One row of L fp32 scores: its max, its sum of exponentials, then the probabilities (the row is read
+        # from HBM once; the later reads of its 4L bytes come from L2).
+        row = tl.program_id(0).to(tl.int64) * L
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, L, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            m = tl.maximum(m, tl.load(s_ptr + row + i, mask=i < L, other=float("-inf")) * scale)
+        top = tl.max(m)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, L, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            x = tl.load(s_ptr + row + i, mask=i < L, other=float("-inf")) * scale
+            acc += tl.exp(x - top)
+        inv = 1.0 / tl.sum(acc)
+        for start in range(0, L, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            x = tl.load(s_ptr + row + i, mask=i < L, other=float("-inf")) * scale
+            tl.store(out_ptr + row + i, (tl.exp(x - top) * inv).to(out_ptr.dtype.element_ty), mask=i < L)
+
+    return softmax_rows
+
+
+def softmax_rows(s: torch.Tensor, scale: float, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """softmax(s * scale) along the last dim of fp32 scores s [R, L] (contiguous), rounded once to `dtype`: the
+    values of `torch.softmax(s * scale, -1).to(dtype)` up to fp32 summation order."""
+    if s.ndim != 2 or s.dtype != torch.float32 or not s.is_contiguous():
+        raise ValueError(f"softmax_rows needs contiguous fp32 [R, L] scores, got {s.dtype} {tuple(s.shape)}")
+    out = torch.empty(s.shape, device=s.device, dtype=dtype)
+    _softmax_kernel()[(s.shape[0],)](s, out, s.shape[1], scale, BLOCK=4096, num_warps=8)
+    return out
+
+
+ATTENTION_SCRATCH = 384 << 20  # bytes of one query chunk's fp32 scores and bf16 probabilities
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`F.scaled_dot_product_attention(q, k, v)` for q, k, v [B, H, L, C] with unit stride in C: per head, fp32
+    scores (cuBLAS, bf16 inputs), `softmax_rows` to bf16 probabilities, cuBLAS times v, in chunks of queries whose
+    scores fit ATTENTION_SCRATCH (4096 queries at 16384 positions, the VAE's at 1024x1024)."""
+    b, h, n, c = q.shape
+    if k.shape != q.shape or v.shape != q.shape or q.device.type != "cuda":
+        raise ValueError(f"attention needs CUDA q, k, v of one shape, got {tuple(q.shape)} {tuple(k.shape)} "
+                         f"{tuple(v.shape)} on {q.device}")
+    rows = max(1, 1 << (ATTENTION_SCRATCH // (6 * n)).bit_length() - 1)
+    out = torch.empty(b, h, n, c, device=q.device, dtype=q.dtype)
+    for i in range(b):
+        for j in range(h):
+            kt, vj = k[i, j].t(), v[i, j]  # [C, L], [L, C]
+            for r0 in range(0, n, rows):
+                scores = torch.mm(q[i, j, r0 : r0 + rows], kt, out_dtype=torch.float32)  # [rows, L]
+                torch.mm(softmax_rows(scores, c**-0.5, q.dtype), vj, out=out[i, j, r0 : r0 + rows])
     return out
 
 

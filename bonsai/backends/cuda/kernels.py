@@ -63,9 +63,11 @@ def _expand_kernel():
 
 
 def expand_lowbit(packed: torch.Tensor, scales: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                  out: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor, zeros: torch.Tensor | None = None, config: tuple[int, int, int] | None = None
+                  ) -> torch.Tensor:
     """Write W = t * s into `out` [N, K] (any float dtype, contiguous), or the codes t alone if scales is None
     (what the fp8 GEMM reads: t is exact in e4m3). bits 4 with `zeros`: W = (q - zero) * s (HQQ 4-bit).
+    config: (BLOCK_N, BLOCK_K, num_warps), for benchmarks/expand_study.py's sweep; None picks the default.
 
     packed: uint8 [N, K * bits / 8], LSB-first along K (bits 2: q = t + 1; bits 1: q = (b + 1) / 2).
     scales, zeros: float [N, K // group_size].
@@ -81,14 +83,18 @@ def expand_lowbit(packed: torch.Tensor, scales: torch.Tensor | None, bits: int, 
         raise ValueError(f"out must be a contiguous [{n}, {k}] tensor, got {tuple(out.shape)}")
     if group_size & (group_size - 1) or group_size < 8:
         raise ValueError(f"group_size must be a power of two >= 8, got {group_size}")
-    block_k = next(b for b in (4 * group_size, 2 * group_size, group_size) if k % b == 0)
-    block_n = max(1, min(32, 16384 // block_k))
+    if config is None:  # 16 rows x 512 inputs, 4 warps: at HBM's write speed on the H200 (expand_study.py --sweep)
+        block_k = next((b for b in (512, 256, 128) if b % group_size == 0 and k % b == 0), group_size)
+        config = (16, block_k, 4)
+    block_n, block_k, warps = config
+    if k % block_k or block_k % group_size:
+        raise ValueError(f"BLOCK_K {block_k} must be a multiple of group_size {group_size} that divides K {k}")
     grid = ((n + block_n - 1) // block_n, k // block_k)
     _expand_kernel()[grid](packed.contiguous(), packed if scales is None else scales.contiguous(),
                            packed if zeros is None else zeros.contiguous(), out, n, k,
                            BITS=bits, GROUP=group_size, TERNARY=bits == 2, SCALED=scales is not None,
                            AFFINE=zeros is not None,
-                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
+                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 

@@ -23,8 +23,8 @@ from ..torch.transformer import TORCH_OPS, Ops, load_transformer
 from ..torch.vae import TORCH_VAE_OPS, VaeOps
 from . import choice
 from .choice import GemmChoices
-from .elementwise import (conv_bias_add, conv_group_norm_silu, gated_add, group_norm_silu, join_swiglu, modulate,
-                          rms_norm_rope, swiglu, upsample_nearest)
+from .elementwise import (attention, conv_bias_add, conv_group_norm_silu, gated_add, group_norm_silu, join_swiglu,
+                          modulate, rms_norm_rope, swiglu, upsample_nearest)
 from .linear import LINEARS, FastInt4Linear, Workspace, make_linear_factory, workspaces
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,10 @@ def vae_norm_act(norm, x: torch.Tensor, silu: bool) -> torch.Tensor:
 
 
 # elementwise="triton": the VAE's GroupNorm + SiLU, its convs' bias adds (folded into the norm or the residual add
-# after them) and the upsampling as Triton passes over channels_last activations
+# after them) and the upsampling as Triton passes over channels_last activations; its attention as cuBLAS GEMMs
+# around a Triton softmax
 TRITON_VAE_OPS = VaeOps(norm_act=vae_norm_act, conv=conv_bias_add, conv_norm_act=conv_group_norm_silu,
-                        conv_add=conv_bias_add, upsample=upsample_nearest)
+                        conv_add=conv_bias_add, upsample=upsample_nearest, attention=attention)
 
 
 def _lap(t0: float, phases: dict | None = None) -> float:

@@ -12,7 +12,7 @@ import torch
 from ... import layouts, weights
 from ...config import TextEncoderConfig
 from ...errors import BonsaiValueError
-from ...memory import MemorySampler, available_bytes, keep_resident, render_bytes, rss_bytes
+from ...memory import MemorySampler, available_bytes, cuda_bytes, keep_resident, render_bytes, rss_bytes
 from .linear import LowBitLinear
 from .lora import set_adapters as set_lora_adapters
 from .text_encoder import encode as encode_text
@@ -199,14 +199,14 @@ class TorchRuntime:
     def peak_memory_gb(self) -> float | None:
         """Device peak on CUDA; on a CPU the peak process RSS sampled since `reset_peak_memory` (every 50 ms)."""
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 1e9
+            return cuda_bytes(self.device)["peak"] / 1e9
         sampler = self._stop_sampler()
         return sampler.peak_gb() if sampler is not None else None
 
     def memory_report(self) -> dict:
         if self.device.type == "cuda":
-            return dict(allocated_gb=torch.cuda.memory_allocated(self.device) / 1e9,
-                        peak_gb=torch.cuda.max_memory_allocated(self.device) / 1e9)
+            held = cuda_bytes(self.device)
+            return dict(allocated_gb=held["current"] / 1e9, peak_gb=held["peak"] / 1e9)
         return {}
 
     def _stop_sampler(self) -> MemorySampler | None:
