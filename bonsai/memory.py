@@ -89,7 +89,8 @@ def keep_resident(free_bytes: int, need_bytes: int, margin: float = 1.25) -> boo
 def cuda_bytes(device) -> dict[str, int]:
     """The CUDA caching allocator's bytes: allocated now ("current"), its peak since the last reset ("peak") and
     reserved from the driver ("reserved"). One stats call: `torch.cuda.memory_allocated` and its siblings each
-    flatten the whole stats tree in Python (~0.7 ms apiece, on the host between renders)."""
+    flatten the whole stats tree in Python (three of them took 2.2 ms of host time at the end of a profiled
+    render, `benchmarks/results/h200-render-gaps-512.log`)."""
     import torch
 
     stats = torch.cuda.memory_stats_as_nested_dict(device)
