@@ -88,7 +88,7 @@ def bench_linears(dtype, with_gemlite, kinds):
     picked, fp8 activations, gemlite; fp8's error is against the bf16 output on the same input."""
     from bonsai.backends.cuda.choice import GemmChoices
     from bonsai.backends.cuda.kernels import expand_lowbit, quantize_fp8
-    from bonsai.backends.cuda.linear import FastLowBitLinear, Workspace, _run, candidates
+    from bonsai.backends.cuda.linear import FastLowBitLinear, Workspace, _run, blockwise_fp8, candidates
 
     gen = torch.Generator("cuda").manual_seed(0)
     ws, choices = Workspace("cuda"), GemmChoices()
@@ -109,8 +109,9 @@ def bench_linears(dtype, with_gemlite, kinds):
                 run = {c: (lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, s16))
                        for c in candidates("auto", False, m)}
                 t = {c: bench_ms(fn) for c, fn in run.items()}
-                t8 = {c: bench_ms(lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, s8, x8))
-                      for c in candidates("auto", True, m)}
+                sw = ws.buffer(torch.float32, n * k // 128)
+                t8 = {c: bench_ms(lambda c=c: _run(c, x, w.packed, w.scales, w.bits, 128, k, s8, x8, sw))
+                      for c in candidates("auto", True, m, blockwise_fp8(x.device, m, n))}
                 fused = min((c for c in t if c.startswith("fused")), key=t.get)
                 best8 = min(t8, key=t8.get)
                 auto(x)  # measures and records the choice for this M
@@ -221,7 +222,7 @@ def bench_steps(dtype, impls, kinds, reps=7):
 
     ws = Workspace("cuda")
     makers = linear_makers(dtype, ws, GemmChoices())
-    rows = []
+    rows, refs = [], {}
     for kind in kinds:
         tensors = random_model_tensors(KLEIN_4B, kind)
         for impl in impls:
@@ -235,8 +236,9 @@ def bench_steps(dtype, impls, kinds, reps=7):
             resident = torch.cuda.memory_allocated() - base
             for hgt, wid in SIZES.values():
                 h, w = latents.latent_size(hgt, wid)
-                x = torch.randn(1, h * w, 128, device="cuda", dtype=dtype)
-                c = torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype)
+                gen = torch.Generator("cuda").manual_seed(1)  # the same inputs for every impl
+                x = torch.randn(1, h * w, 128, device="cuda", dtype=dtype, generator=gen)
+                c = torch.randn(1, TEXT_TOKENS, 7680, device="cuda", dtype=dtype, generator=gen)
                 t = torch.full((1,), 0.5, device="cuda", dtype=dtype)
                 img, txt = latents.img_ids(h, w).cuda(), latents.txt_ids(TEXT_TOKENS).cuda()
                 ws.release()  # so the scratch allocation shows in this size's peak
@@ -246,10 +248,14 @@ def bench_steps(dtype, impls, kinds, reps=7):
                     times = timed(lambda: model(x, c, t, img, txt), reps + 1)
                 # steady: what stays allocated between steps (weights + scratch); peak: inside a step.
                 steady, peak = torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base
+                with torch.inference_mode():
+                    y = model(x, c, t, img, txt).float()
+                ref = refs.setdefault((kind, hgt), y)  # the first impl's output: the 25 blocks' error against it
+                rel_err = ((y - ref).norm() / ref.norm()).item()
                 graph_ms = graphed_step_ms(model, (x, c, t, img, txt), reps)
                 row = dict(kind=kind, impl=impl, size=f"{hgt}x{wid}", first_step_s=times[0],
                            step_ms=statistics.median(times[1:]) * 1e3, graph_step_ms=graph_ms, steps_measured=reps,
-                           weights_gb=gb(resident), steady_gb=gb(steady), peak_gb=gb(peak))
+                           weights_gb=gb(resident), steady_gb=gb(steady), peak_gb=gb(peak), rel_err_vs_first=rel_err)
                 rows.append(row)
                 print(f"step {kind:8s} {impl:10s} {row['size']:9s} first {times[0]:6.2f} s  median "
                       f"{row['step_ms']:7.1f} ms  graphed {graph_ms:7.1f} ms  weights {row['weights_gb']:5.2f} GB  steady {row['steady_gb']:5.2f}"
@@ -424,11 +430,12 @@ def markdown(result) -> str:
     if result.get("steps"):
         lines += ["", "Full 4B transformer step (5 double + 20 single blocks, 512 text tokens, random weights):", "",
                   "| kind | linears | size | step eager (median of 7) | step CUDA graph | first step | weights VRAM | "
-                  "steady VRAM | peak VRAM |", "|---|---|---|---|---|---|---|---|---|"]
+                  "steady VRAM | peak VRAM | output rel. error vs the first row |", "|---" * 10 + "|"]
         for r in result["steps"]:
+            err = f"{r['rel_err_vs_first']:.1e}" if "rel_err_vs_first" in r else "-"
             lines.append(f"| {r['kind']} | {r['impl']} | {r['size']} | {r['step_ms']:.1f} ms | {r['graph_step_ms']:.1f} ms "
                          f"| {r['first_step_s']:.2f} s "
-                         f"| {r['weights_gb']:.2f} GB | {r['steady_gb']:.2f} GB | {r['peak_gb']:.2f} GB |")
+                         f"| {r['weights_gb']:.2f} GB | {r['steady_gb']:.2f} GB | {r['peak_gb']:.2f} GB | {err} |")
     if result.get("profile"):
         cats = sorted({k for r in result["profile"] for k in r} - {"kind", "impl", "size", "gpu_ms", "top_other"})
         lines += ["", "GPU time of one eager step by kernel category (torch.profiler, ms):", "",

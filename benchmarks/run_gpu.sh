@@ -4,7 +4,7 @@
 #   bash benchmarks/run_gpu.sh setup tests-kernels  # test_cuda_linear + test_gemlite_layout -> $OUT/h200-tests-kernels.log
 #   bash benchmarks/run_gpu.sh tests                # the other CUDA tests -> $OUT/h200-tests.log
 #   bash benchmarks/run_gpu.sh cold pipeline        # h200-cold, h200-pipeline (every section, layout, kind)
-#   bash benchmarks/run_gpu.sh e2e                  # h200-pipeline-e2e: e2e, lowvram and peer rows of the defaults
+#   bash benchmarks/run_gpu.sh e2e                  # h200-pipeline-e2e (e2e and peer rows), h200-lowvram
 #   bash benchmarks/run_gpu.sh serve kernels        # h200-serve(-jpeg), h200-step (per-step kernel profile)
 # Test logs are verbose (one line per test as it ends), so a run cut short still says what passed.
 # Wheels the GPU image lacks travel in .whl/ (git-ignored): diffusers, importlib_metadata, gemlite's sdist, and for
@@ -29,9 +29,12 @@ for step in "$@"; do
       (cd benchmarks && timeout 450 python3 bench_pipeline.py --repos $REPOS --out "$OUT/h200-pipeline" \
         --layouts gemlite,mlx,compact --kinds ternary,binary 2>&1 | tail -40) ;;
     e2e)
+      # memory="low" in a process of its own: the pipelines before it leave ~0.5 GB allocated (2.69 vs 3.24 GB)
       (cd benchmarks && timeout 420 python3 bench_pipeline.py --repos $REPOS --out "$OUT/h200-pipeline-e2e" \
-        --sections e2e,lowvram,peer --layouts gemlite --kinds ternary \
-        --impls ours,ours_torch_elementwise,dense_bf16,gemlite 2>&1 | grep -v "^|" | tail -30) ;;
+        --sections e2e,peer --layouts gemlite --kinds ternary \
+        --impls ours,ours_fp8,ours_torch_elementwise,dense_bf16,gemlite 2>&1 | grep -v "^|" | tail -30 \
+        && timeout 150 python3 bench_pipeline.py --repos $REPOS --out "$OUT/h200-lowvram" --sections lowvram \
+        --layouts gemlite --kinds ternary 2>&1 | grep lowvram) ;;
     cold)
       (cd benchmarks && timeout 240 python3 cold_start.py --repo $REPOS --out "$OUT/h200-cold" 2>&1 | tail -12) ;;
     serve)
@@ -42,6 +45,6 @@ full_size_repo(Path('$REPOS'), 'gemlite', 'ternary', device='cuda')" && timeout 
         --requests 16 --duration 30 --concurrency 1 4 --output-format jpeg --out "$OUT/h200-serve-jpeg" 2>&1 | tail -6) ;;
     kernels)
       (cd benchmarks && timeout 240 python3 bench_cuda.py --out "$OUT/h200-step" --sections step,profile \
-        --step-kinds ternary --impls ours,ours_torchops,dense_bf16 2>&1 | grep -v "^|" | tail -30) ;;
+        --step-kinds ternary --impls ours,ours_fp8,ours_torchops,dense_bf16 2>&1 | grep -v "^|" | tail -30) ;;
   esac
 done

@@ -20,10 +20,13 @@ def test_candidates_by_mode_and_m():
     fused = candidates("fused", False, 4608)
     assert fused and all(c.startswith("fused/") for c in fused)
     assert candidates("auto", False, 4608) == ["cublas"] + fused
-    assert all(c.startswith("expand8/") for c in candidates("expand", True, 4608))
-    # Small-M configs for small M only, and no fp8 candidate uses cuBLAS (it has no per-group K scales).
+    # fp8: cuBLAS's block-scaled GEMM where it exists (Hopper), else our fused GEMM only.
+    assert candidates("expand", True, 4608, blockwise=True) == ["cublas8"]
+    assert candidates("auto", True, 4608, blockwise=True) == ["cublas8"] + fused
+    assert candidates("expand", True, 4608) == fused[:1] and candidates("auto", True, 4608) == fused
+    # Small-M configs for small M only, and no fp8 candidate uses the bf16 cuBLAS GEMM.
     assert set(candidates("fused", False, 1)).isdisjoint(fused)
-    assert "cublas" not in candidates("auto", True, 1)
+    assert "cublas" not in candidates("auto", True, 1, blockwise=True)
 
 
 def test_linear_factory_rejects_bad_options():
@@ -55,7 +58,7 @@ def test_choice_file_round_trip_by_field(tmp_path):
     table = GemmChoices()
     assert not table.unsaved
     table.add(GemmChoice(k1, "fused/128x128x64x4x4", (("cublas", 0.5), ("fused/128x128x64x4x4", 0.25))))
-    table.add(GemmChoice(k2, "expand8/64x128x128x4x4"))
+    table.add(GemmChoice(k2, "cublas8"))
     assert table.unsaved and len(table) == 2
     path = tmp_path / "gemm.json"
     table.save(path)
@@ -65,13 +68,13 @@ def test_choice_file_round_trip_by_field(tmp_path):
     assert data["version"] == 1
     assert sorted(data["choices"], key=lambda e: e["n"]) == [
         {"linear": "auto", "activations": "fp8", "bits": 1, "n": 3072, "k": 12288, "m": 64,
-         "impl": "expand8/64x128x128x4x4", "times_ms": {}},
+         "impl": "cublas8", "times_ms": {}},
         {"linear": "auto", "activations": "bfloat16", "bits": 2, "n": 27648, "k": 3072, "m": 4608,
          "impl": "fused/128x128x64x4x4", "times_ms": {"cublas": 0.5, "fused/128x128x64x4x4": 0.25}},
     ]
     fresh = GemmChoices()
     assert fresh.load(path)
-    assert fresh.get(k1) == "fused/128x128x64x4x4" and fresh.get(k2) == "expand8/64x128x128x4x4"
+    assert fresh.get(k1) == "fused/128x128x64x4x4" and fresh.get(k2) == "cublas8"
     assert fresh.records() == table.records()
     assert not fresh.unsaved  # loaded choices are already on disk
 

@@ -103,6 +103,11 @@ def fp8_reference(x):
     return q.view(x.shape), s.squeeze(-1), (q.float() * s).view(x.shape)
 
 
+def token_major(s):
+    """s [M, G] copied into strides (1, M), the layout quantize_fp8 returns and cuBLAS's block scaling reads."""
+    return torch.empty_strided(s.shape, (1, s.shape[0]), device=s.device, dtype=s.dtype).copy_(s)
+
+
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
 @pytest.mark.parametrize("in_f,out_f", FLUX_SHAPES)
 def test_fp8_path_flux_shapes(weights, kind, in_f, out_f):
@@ -116,25 +121,34 @@ def test_fp8_path_flux_shapes(weights, kind, in_f, out_f):
     ws = cl.Workspace("cuda")
     layer = cl.FastLowBitLinear(w, device="cuda", linear="auto", activations="fp8", workspace=ws,
                                 choices=GemmChoices())
+    expand = cl.FastLowBitLinear(w, device="cuda", linear="expand", activations="fp8", workspace=ws,
+                                 choices=GemmChoices())
     dtype = torch.bfloat16
     errs = []
     for m in MS:
         x = torch.randn(m, in_f, device="cuda").to(dtype)
         q_ref, s_ref, xq = fp8_reference(x)
         q, s = quantize_fp8(x)
-        assert torch.equal(s, s_ref)
+        assert torch.equal(s, s_ref) and s.stride() == (1, m)  # token-major, as cuBLAS's block scaling reads
         # x / s may differ by an fp32 ulp from torch's division, which can move a value across an e4m3 tie.
         differ = (q.float() != q_ref.float()).float().mean().item()
         assert differ < 1e-3, differ
         ref = reference(xq, codes, scales, torch.float32)
-        for impl in cl.candidates("auto", True, m):
+        names = cl.candidates("auto", True, m, blockwise=cl.blockwise_fp8(x.device, m, out_f))
+        assert (names[0] == "cublas8") == (m % 4 == 0)  # the H200 is Hopper; cuBLAS refuses M = 1
+        for impl in names:
             scratch = ws.buffer(torch.float8_e4m3fn, in_f * out_f)
             scratch.view(torch.uint8).fill_(0x7F)  # e4m3 NaN
+            sscratch = ws.buffer(torch.float32, in_f * out_f // 128)
+            sscratch.fill_(float("nan"))
             poison(m * out_f, dtype)
-            y = cl._run(impl, x, layer.packed, layer.scales, layer.bits, 128, in_f, scratch, x8=(q_ref, s_ref))
+            y = cl._run(impl, x, layer.packed, layer.scales, layer.bits, 128, in_f, scratch,
+                        x8=(q_ref, token_major(s_ref)), scale_scratch=sscratch)
             assert y.dtype == dtype and torch.isfinite(y).all(), impl
             assert rel(y, ref) < 3e-3, (impl, m)
         y = layer(x)
+        assert layer.choices.get(layer.gemm_key(m, dtype)) in names
+        assert rel(expand(x), ref) < 3e-3, m  # cuBLAS's GEMM, or the fused one where cuBLAS refuses M
         errs.append(rel(y, reference(x, codes, scales, dtype)))
         assert errs[-1] < 0.1, (m, errs[-1])
     print(f"fp8 {kind} {in_f}->{out_f}: rel err vs bf16 input per M {dict(zip(MS, (round(e, 4) for e in errs)))}")

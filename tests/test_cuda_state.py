@@ -75,6 +75,9 @@ def test_fast_layers_register_their_size_and_keep_the_torch_buffers():
     assert fast.gemm_key(4608, torch.bfloat16) == GemmKey("auto", "bfloat16", 2, 256, 384, 4608)
     fp8 = FastLowBitLinear(w, device="cpu", linear="fused", activations="fp8", workspace=ws, choices=choices)
     assert fp8.gemm_key(7, torch.bfloat16) == GemmKey("fused", "fp8", 2, 256, 384, 7)
+    # fp8 "expand" is cuBLAS's block-scaled GEMM, which torch runs on Hopper only: elsewhere it is refused upfront.
+    with pytest.raises(BonsaiValueError, match=r"linear='expand' with activations='fp8'.*sm_90"):
+        FastLowBitLinear(w, device="cpu", linear="expand", activations="fp8", workspace=ws, choices=choices)
 
     w4 = int4(320, 512)
     fast4, ref4 = FastInt4Linear(w4, device="cpu", workspace=ws), Int4Linear(w4, device="cpu")

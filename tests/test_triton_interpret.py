@@ -92,18 +92,18 @@ GEMM_SCRIPT = textwrap.dedent(
                 assert rel(y, ref) < tol, (kind, config, dt, rel(y, ref))
                 checked += 1
             q, xs = quantize_fp8(x)
-            assert q.dtype == torch.float8_e4m3fn and xs.shape == (m, k // 128)
+            assert q.dtype == torch.float8_e4m3fn and xs.shape == (m, k // 128) and xs.stride() == (1, m)
             # Every group's largest magnitude maps to 448. The interpreter's fp32 -> e4m3 rounding is not the
             # hardware's (it can drop a carry into the exponent), so q's rounding is checked on the device.
             assert torch.allclose(xs, x.view(m, -1, 128).abs().amax(-1) / 448)
             xq = (q.float().view(m, -1, 128) * xs[..., None]).view(m, k)
-            codes = torch.full((n, k), float("nan")).to(torch.float8_e4m3fn)
+            codes = torch.full((n, k), float("nan")).to(torch.float8_e4m3fn)  # what cuBLAS's fp8 GEMM reads
             expand_lowbit(w.packed, None, w.bits, 128, k, codes)
             assert torch.equal(codes.float(), t.float())
-            for b in (w.packed, codes):
-                y = lowbit_gemm(q, b, w.scales, w.bits, 128, k, x_scales=xs, out_dtype=torch.float32, config=config)
-                assert rel(y, xq @ dense.T) < 1e-6, (kind, config, b.dtype)
-                checked += 1
+            y = lowbit_gemm(q, w.packed, w.scales, w.bits, 128, k, x_scales=xs, out_dtype=torch.float32,
+                            config=config)
+            assert rel(y, xq @ dense.T) < 1e-6, (kind, config)
+            checked += 1
     print("OK", checked)
     """
 )
@@ -357,7 +357,7 @@ def test_expand_kernel_in_interpreter(interpreted):
 
 @pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)
 def test_fused_and_fp8_gemm_in_interpreter(interpreted):
-    assert run_interpreted(interpreted, "gemm").startswith("OK 16")
+    assert run_interpreted(interpreted, "gemm").startswith("OK 12")
 
 
 def test_fast_layers_in_interpreter(interpreted):

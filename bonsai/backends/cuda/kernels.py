@@ -1,11 +1,13 @@
 """Triton kernels of the CUDA fast path, over packed binary/ternary codes with one scale per 128 inputs.
 
-- `expand_lowbit`: codes (* group scales) -> a dense matrix in a reused scratch, for cuBLAS or the fp8 GEMM.
+- `expand_lowbit`: codes (* group scales) -> a dense matrix in a reused scratch, for cuBLAS (bf16, or the codes
+  alone in e4m3 for cuBLAS's block-scaled fp8 GEMM).
   At diffusion token counts (M = 1k-5k) the GEMM is compute-bound on Hopper, so a dense tensor-core GEMM
   usually beats in-loop unpacking; the expansion is a pure bandwidth pass.
-- `lowbit_gemm`: one GEMM that reads the packed codes (or fp8 codes) and applies the group scales in the K loop;
-  bf16/fp16 activations, or fp8 e4m3 activations with one scale per token and 128-group.
-- `quantize_fp8`: activations -> fp8 e4m3 + fp32 scale per (token, 128-group).
+- `lowbit_gemm`: one GEMM that reads the packed codes and applies the group scales in the K loop; bf16/fp16
+  activations, or fp8 e4m3 activations with one scale per token and 128-group.
+- `quantize_fp8`: activations -> fp8 e4m3 + fp32 scale per (token, 128-group), the scales token-major as cuBLAS
+  reads them.
 
 All of them also run under TRITON_INTERPRET=1 on CPU, which is how CI checks them.
 """
@@ -106,10 +108,9 @@ def _gemm_kernel():
     @triton.jit
     def gemm(a_ptr, a_scales_ptr, b_ptr, b_scales_ptr, c_ptr, M, N, K, stride_am, stride_cm,
              BITS: tl.constexpr, GROUP: tl.constexpr, TERNARY: tl.constexpr, A_FP8: tl.constexpr,
-             B_PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             GROUP_M: tl.constexpr):
-        # C [M, N] = A [M, K] @ (t * s).T. B is either the packed codes uint8 [N, K * BITS / 8] or the fp8 codes
-        # [N, K]; BLOCK_K divides GROUP, so one scale per row of B covers a whole K step.
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # C [M, N] = A [M, K] @ (t * s).T, B the packed codes uint8 [N, K * BITS / 8]; BLOCK_K divides GROUP, so
+        # one scale per row of B (and of fp8 A: token-major [K / GROUP, M]) covers a whole K step.
         pid = tl.program_id(0)
         grid_m = tl.cdiv(M, BLOCK_M)
         grid_n = tl.cdiv(N, BLOCK_N)
@@ -132,20 +133,17 @@ def _gemm_kernel():
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_ptr + rm64[:, None] * stride_am + (k0 + rk)[None, :], mask=mmask[:, None], other=0.0)
-            if B_PACKED:
-                kb = k0 // PER + tl.arange(0, BLOCK_B)
-                byte = tl.load(b_ptr + rn64[None, :] * (K // PER) + kb[:, None], mask=nmask[None, :], other=0)
-                q = (byte.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_B, PER, N]
-                q = tl.reshape(q, (BLOCK_K, BLOCK_N))  # row kb * PER + p: the LSB-first order along K
-                if TERNARY:
-                    t = (q - 1).to(tl.float32)
-                else:
-                    t = (2 * q - 1).to(tl.float32)
+            kb = k0 // PER + tl.arange(0, BLOCK_B)
+            byte = tl.load(b_ptr + rn64[None, :] * (K // PER) + kb[:, None], mask=nmask[None, :], other=0)
+            q = (byte.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_B, PER, N]
+            q = tl.reshape(q, (BLOCK_K, BLOCK_N))  # row kb * PER + p: the LSB-first order along K
+            if TERNARY:
+                t = (q - 1).to(tl.float32)
             else:
-                t = tl.load(b_ptr + rn64[None, :] * K + (k0 + rk)[:, None], mask=nmask[None, :], other=0.0)
+                t = (2 * q - 1).to(tl.float32)
             s = tl.load(b_scales_ptr + rn64 * (K // GROUP) + k0 // GROUP, mask=nmask, other=0.0)  # [BLOCK_N]
             if A_FP8:
-                sa = tl.load(a_scales_ptr + rm64 * (K // GROUP) + k0 // GROUP, mask=mmask, other=0.0)  # [BLOCK_M]
+                sa = tl.load(a_scales_ptr + (k0 // GROUP) * M + rm64, mask=mmask, other=0.0)  # [BLOCK_M]
                 acc += tl.dot(a, t.to(a.dtype)) * (sa[:, None] * s[None, :])
             else:
                 # t * s rounded once: the same B as the dequantized weight, so acc sees exact weights.
@@ -171,26 +169,28 @@ def lowbit_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, bits: in
                 config=GEMM_CONFIGS[0]) -> torch.Tensor:
     """x [M, K] @ (t * s).T -> [M, N] in one kernel.
 
-    b: the packed codes uint8 [N, K * bits / 8] (unpacked in the K loop), or fp8 e4m3 codes [N, K] from
-    `expand_lowbit(..., scales=None)`. x: bf16/fp16, or fp8 e4m3 with `x_scales` fp32 [M, K / group_size]
-    (`quantize_fp8`); then the output is `out_dtype`.
+    b: the packed codes uint8 [N, K * bits / 8], unpacked in the K loop. x: bf16/fp16, or fp8 e4m3 with
+    `x_scales` fp32 [M, K / group_size] token-major, strides (1, M), as `quantize_fp8` returns them; then the
+    output is `out_dtype`.
     """
     import triton
 
     m, k = x.shape
     n = b.shape[0]
     block_m, block_n, block_k, warps, stages = config
-    packed = b.dtype == torch.uint8
-    if k != in_features or group_size % block_k or b.shape[1] != (k * bits // 8 if packed else k):
+    if k != in_features or group_size % block_k or b.dtype != torch.uint8 or b.shape[1] != k * bits // 8:
         raise ValueError(f"lowbit_gemm: x {tuple(x.shape)}, b {b.dtype} {tuple(b.shape)} and in_features={in_features} "
                          f"(bits {bits}, group {group_size}, BLOCK_K {block_k}) disagree")
     fp8 = x.dtype == torch.float8_e4m3fn
-    if fp8 != (x_scales is not None) or (not packed and not fp8):
-        raise ValueError("lowbit_gemm: fp8 activations need x_scales, and fp8 codes need fp8 activations")
+    if fp8 != (x_scales is not None):
+        raise ValueError("lowbit_gemm: fp8 activations need x_scales, and only they")
+    if fp8 and (x_scales.shape != (m, k // group_size) or x_scales.stride(0) != 1):
+        raise ValueError(f"lowbit_gemm: x_scales must be [{m}, {k // group_size}] token-major (quantize_fp8), got "
+                         f"{tuple(x_scales.shape)} strides {x_scales.stride()}")
     out = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _gemm_kernel()[grid](x, x if x_scales is None else x_scales, b, scales, out, m, n, k, x.stride(0), out.stride(0),
-                         BITS=bits, GROUP=group_size, TERNARY=bits == 2, A_FP8=fp8, B_PACKED=packed,
+                         BITS=bits, GROUP=group_size, TERNARY=bits == 2, A_FP8=fp8,
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
                          num_warps=warps, num_stages=stages)
     return out
@@ -213,18 +213,19 @@ def _quantize_fp8_kernel():
         s = tl.where(amax > 0, amax / 448.0, 1.0)
         q = x / s[:, None]
         tl.store(q_ptr + rm64[:, None] * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + rm64 * (K // GROUP) + tl.program_id(1), s, mask=rm < M)
+        tl.store(s_ptr + tl.program_id(1) * M + rm64, s, mask=rm < M)
 
     return quantize
 
 
 def quantize_fp8(x: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (fp8 e4m3 [M, K], fp32 scales [M, K / group_size]) with x ~= q * s per (token, group)."""
+    """x [M, K] -> (fp8 e4m3 [M, K], fp32 scales [M, K / group_size]) with x ~= q * s per (token, group).
+    The scales are token-major (strides (1, M)): the layout cuBLAS's 1x128 block scaling reads."""
     m, k = x.shape
     if k % group_size or x.stride(1) != 1:
         raise ValueError(f"quantize_fp8: x {tuple(x.shape)} needs K a multiple of {group_size} and unit stride")
     q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
-    s = torch.empty(m, k // group_size, device=x.device, dtype=torch.float32)
+    s = torch.empty(k // group_size, m, device=x.device, dtype=torch.float32).t()  # [M, K / group], strides (1, M)
     block_m = 16
     _quantize_fp8_kernel()[((m + block_m - 1) // block_m, k // group_size)](
         x, q, s, m, k, x.stride(0), GROUP=group_size, BLOCK_M=block_m, num_warps=4)

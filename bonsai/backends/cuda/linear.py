@@ -58,40 +58,50 @@ def _config(name: str) -> tuple[int, ...]:
 
 
 def _run(impl: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
-         in_features: int, scratch: torch.Tensor, x8=None) -> torch.Tensor:
+         in_features: int, scratch: torch.Tensor, x8=None, scale_scratch: torch.Tensor | None = None
+         ) -> torch.Tensor:
     """One candidate on x [M, K]: "cublas" (expand into `scratch` of x.dtype, cuBLAS), "fused/<cfg>" (unpack in
-    the K loop; no scratch), "expand8/<cfg>" (expand fp8 codes into `scratch` of e4m3, block-scaled fp8 GEMM).
-    scratch: flat, at least N * K elements. x8 = quantize_fp8(x) selects fp8 activations."""
-    n = packed.shape[0]
+    the K loop; no scratch), "cublas8" (expand the codes into `scratch` of e4m3 and the scales N-major into the
+    fp32 `scale_scratch`, then cuBLAS's 1x128-block-scaled fp8 GEMM). scratch: flat, at least N * K elements;
+    scale_scratch: at least N * K / group_size. x8 = quantize_fp8(x) selects fp8 activations."""
+    n, k = packed.shape[0], in_features
     if impl == "cublas":
-        w = scratch[: n * in_features].view(n, in_features)  # [N, K]
-        expand_lowbit(packed, scales, bits, group_size, in_features, w)
+        w = scratch[: n * k].view(n, k)  # [N, K]
+        expand_lowbit(packed, scales, bits, group_size, k, w)
         return F.linear(x, w)
+    if impl == "cublas8":
+        codes = scratch[: n * k].view(n, k)  # [N, K] e4m3, t exact
+        expand_lowbit(packed, None, bits, group_size, k, codes)
+        s = scale_scratch[: n * k // group_size].view(k // group_size, n)  # [K / 128, N]
+        s.copy_(scales.t())
+        block = F.ScalingType.BlockWise1x128
+        return F.scaled_mm(x8[0], codes.t(), x8[1], block, s.t(), block, output_dtype=x.dtype)
     config = _config(impl)
-    if impl.startswith("fused/"):
-        if x8 is None:
-            return lowbit_gemm(x, packed, scales, bits, group_size, in_features, config=config)
-        return lowbit_gemm(x8[0], packed, scales, bits, group_size, in_features, x_scales=x8[1],
-                           out_dtype=x.dtype, config=config)
-    codes = scratch[: n * in_features].view(n, in_features)  # [N, K] e4m3, t exact
-    expand_lowbit(packed, None, bits, group_size, in_features, codes)
-    return lowbit_gemm(x8[0], codes, scales, bits, group_size, in_features, x_scales=x8[1], out_dtype=x.dtype,
+    if x8 is None:
+        return lowbit_gemm(x, packed, scales, bits, group_size, k, config=config)
+    return lowbit_gemm(x8[0], packed, scales, bits, group_size, k, x_scales=x8[1], out_dtype=x.dtype,
                        config=config)
 
 
-def candidates(linear: str, fp8: bool, m: int) -> list[str]:
-    """The GEMMs `linear` ("auto", "expand", "fused") may use at M tokens; the first is the unmeasured default."""
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def blockwise_fp8(device: torch.device, m: int, n: int) -> bool:
+    """Whether cuBLAS's 1x128-block-scaled fp8 GEMM runs an [M, K] x [K, N] product on `device`: torch offers it
+    on Hopper (sm_90) only, and cuBLAS takes M a multiple of 4 and N of 16 (on the H200, M = 1, 2, 3 fail)."""
+    return _hopper(device) and m % 4 == 0 and n % 16 == 0
+
+
+def candidates(linear: str, fp8: bool, m: int, blockwise: bool = False) -> list[str]:
+    """The GEMMs `linear` ("auto", "expand", "fused") may use at M tokens; the first is the unmeasured default.
+    blockwise: cuBLAS's block-scaled fp8 GEMM runs this product (`blockwise_fp8`, 128-input groups); where it
+    does not, fp8 "expand" falls back to our fused GEMM."""
     configs = ["x".join(map(str, c)) for c in GEMM_CONFIGS if (c[0] <= 64) == (m <= 64)]
     fused = [f"fused/{c}" for c in configs]
-    expand = [f"expand8/{c}" for c in configs] if fp8 else ["cublas"]
-    return {"expand": expand, "fused": fused, "auto": expand + fused}[linear]
-
-
-def scratch_dtype(linear: str, fp8: bool, dtype: torch.dtype) -> torch.dtype | None:
-    """The scratch dtype a layer's candidates write (None: "fused" has no expand step)."""
-    if linear == "fused":
-        return None
-    return torch.float8_e4m3fn if fp8 else dtype
+    expand = (["cublas8"] if blockwise else []) if fp8 else ["cublas"]
+    return {"expand": expand or fused[:1], "fused": fused, "auto": expand + fused}[linear]
 
 
 def gemm_key(linear: str, fp8: bool, bits: int, n: int, k: int, m: int, dtype: torch.dtype) -> GemmKey:
@@ -126,7 +136,8 @@ class FastLowBitLinear(LowBitLinear):
     linear: "expand" (codes expanded into the workspace's scratch, then cuBLAS), "fused" (our Triton GEMM
     unpacking in the K loop) or "auto" (the faster of the two, measured per shape and token count and recorded in
     `choices`). activations: "fp8" for e4m3 activations with one scale per token and 128-group (fp8 tensor
-    cores), else the input's dtype. workspace, choices: shared by all layers of a runtime.
+    cores: "expand" is then cuBLAS's block-scaled fp8 GEMM over the exact codes, Hopper only), else the input's
+    dtype. workspace, choices: shared by all layers of a runtime.
     """
 
     def __init__(self, weight, device="cuda", dtype: torch.dtype | None = None, linear: str = "auto",
@@ -141,6 +152,10 @@ class FastLowBitLinear(LowBitLinear):
             raise BonsaiValueError(f"FastLowBitLinear: choices must be a GemmChoices, got {type(choices).__name__}")
         self.linear, self.fp8 = linear, activations == "fp8"
         self.workspace, self.choices = workspace, choices
+        if self.fp8 and linear == "expand" and not (self.group_size == 128 and _hopper(workspace.device)):
+            raise BonsaiValueError(f"linear='expand' with activations='fp8' needs cuBLAS's block-scaled fp8 GEMM: "
+                                   f"a Hopper GPU (sm_90) and 128-input groups, not {workspace.device} with groups "
+                                   f"of {self.group_size}; use linear='auto' or 'fused'")
         workspace.require(self.out_features * self.in_features)
 
     def gemm_key(self, m: int, dtype: torch.dtype) -> GemmKey:
@@ -155,12 +170,16 @@ class FastLowBitLinear(LowBitLinear):
         if x.stride(-1) != 1:
             x = x.contiguous()
         m = x.shape[0]
-        sdt = scratch_dtype(self.linear, self.fp8, x.dtype)
         x8 = quantize_fp8(x, self.group_size) if self.fp8 else None
-        scratch = self.workspace.buffer(sdt, n * k) if sdt is not None else None
+        blockwise = self.fp8 and self.group_size == 128 and blockwise_fp8(x.device, m, n)
+        names = candidates(self.linear, self.fp8, m, blockwise)
+        expands = names[0] in ("cublas", "cublas8")  # the expand candidate comes first; "fused" has none
+        sdt = torch.float8_e4m3fn if self.fp8 else x.dtype
+        scratch = self.workspace.buffer(sdt, n * k) if expands else None
+        sscratch = self.workspace.buffer(torch.float32, n * k // self.group_size) if "cublas8" in names else None
         run = functools.partial(_run, x=x, packed=self.packed, scales=self.scales, bits=self.bits,
-                                group_size=self.group_size, in_features=k, scratch=scratch, x8=x8)
-        names = candidates(self.linear, self.fp8, m)
+                                group_size=self.group_size, in_features=k, scratch=scratch, x8=x8,
+                                scale_scratch=sscratch)
         key = self.gemm_key(m, x.dtype)
         impl = _lookup(self.choices, key, names, x.device)
         if impl is None:
