@@ -138,8 +138,9 @@ class CudaRuntime(TorchRuntime):
         """linear: "auto" (per shape, the faster of "expand" and "fused", measured once and cached), "expand"
         (Triton expand + cuBLAS), "fused" (our Triton GEMM unpacking in the K loop), "gemlite", or "dense" (the
         codes expanded to bf16 at load: the dense baseline, 5x the weight memory).
-        dtype: bf16 (default) or fp16. activations="fp8": e4m3 activations per token and 128-group into our
-        fp8 GEMMs (opt-in; not with gemlite). text_encoder: "4bit" keeps the HQQ pack's linears 4-bit on the GPU
+        dtype: bf16 (default) or fp16. activations="fp8": e4m3 activations per token and 128-group into
+        cuBLAS's block-scaled fp8 GEMM over the exact codes (Hopper) or our fused fp8 GEMM (opt-in; not with
+        gemlite). text_encoder: "4bit" keeps the HQQ pack's linears 4-bit on the GPU
         (expanded per layer for cuBLAS); "dense" dequantizes them to bf16 (the other packs are always dense).
         keep_text_encoder: "auto" keeps the text encoder on the GPU between prompts while the render has room
         next to it (else it moves to pinned host memory and comes back without a disk read); True / False.
