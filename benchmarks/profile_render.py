@@ -1,7 +1,7 @@
 """torch.profiler of a warm 1024x1024 render through `Pipeline` with its defaults (full-size synthetic ternary
-gemlite repo), after three renders, or of one `CudaRuntime.decode`. Prints the reports, wall times, the profiler
-tables and the render's GPU idle gaps (where the device waits on the host) with the host work under each;
-`--trace` keeps the render's Chrome trace.
+gemlite repo), after three renders, or of one `CudaRuntime.encode` / `decode`. Prints the reports, wall times,
+the profiler tables and the render's GPU idle gaps (where the device waits on the host) with the host work under
+each; `--trace` keeps the render's Chrome trace.
 
     python benchmarks/profile_render.py --stages render,decode --trace /tmp/out/h200-render-trace.json
 """
@@ -21,11 +21,15 @@ from bench_cuda import timed  # noqa: E402
 from common import full_size_repo  # noqa: E402
 
 import bonsai  # noqa: E402
+from bonsai import latents  # noqa: E402
+from bonsai.prompt import tokenize  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", default="render", help="render (a whole call), decode (one CudaRuntime.decode)")
+    ap.add_argument("--stages", default="render",
+                    help="render (a whole call), encode (one CudaRuntime.encode), decode (one CudaRuntime.decode), "
+                         "noise (the seeded noise, on the host)")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--trace", help="write the render's Chrome trace here")
     ap.add_argument("--stack", action="store_true", help="record Python frames (the gaps then name them)")
@@ -38,8 +42,10 @@ def main(argv=None):
     rt = pipe.runtime
     prompts = iter(f"q{i}" for i in range(100))
     x = torch.randn(1, (size // 16) ** 2, 128, device="cuda", dtype=torch.bfloat16)
+    ids, mask = tokenize(pipe.tokenizer, ["a bonsai tree on a desk"], pipe.text_config.max_length)
     runs = dict(render=lambda: pipe(next(prompts), width=size, height=size, progress=False),
-                decode=lambda: rt.decode(x, size, size))
+                encode=lambda: rt.encode(ids, mask), decode=lambda: rt.decode(x, size, size),
+                noise=lambda: latents.noise(0, size, size, dtype=rt.dtype))
     for stage in args.stages.split(","):
         print(f"{stage} wall ms", [round(t * 1e3, 1) for t in timed(runs[stage], 5)])
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=args.stack) as prof:

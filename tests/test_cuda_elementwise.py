@@ -140,6 +140,66 @@ def test_modulate_equals_layer_norm_then_affine():
     assert_close_bf16(got, want, 1e-3, ulps=2)
 
 
+def test_text_encoder_kernels_equal_the_torch_ops():
+    """Qwen3-4B's widths over 512 tokens: the RMSNorms (2560), the QK norm + RoPE of 8 kv heads of 128 repeated 4
+    times (a strided view of a fused projection) and of the 32 query heads, the SiLU-gated product (9728)."""
+    from bonsai.backends.cuda import elementwise as ew
+    from bonsai.backends.torch import text_encoder as te
+    from bonsai.config import Qwen3Fields
+
+    g = torch.Generator("cuda").manual_seed(5)
+    norm, qk = te.RMSNorm(2560, 1e-6).cuda(), te.RMSNorm(128, 1e-6).cuda()
+    with torch.no_grad():
+        for n in (norm, qk):
+            n.weight.copy_(1 + 0.2 * torch.randn(n.weight.shape, generator=g, device="cuda"))
+    norm, qk = norm.to(BF16), qk.to(BF16)
+    x, y = ((3 * torch.randn(2, 512, 2560, generator=g, device="cuda")).to(BF16) for _ in range(2))
+    proj = torch.randn(2, 512, 4096 + 2 * 1024, generator=g, device="cuda").to(BF16)
+    xq, xk = proj[..., :4096].unflatten(-1, (32, 128)), proj[..., 4096:5120].unflatten(-1, (8, 128))
+    config = Qwen3Fields(vocab_size=8, hidden_size=2560, intermediate_size=9728, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6)
+    freqs = torch.arange(512, device="cuda", dtype=torch.float32)[:, None] * te.rope_inv_freq(config).cuda()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(BF16), emb.sin().to(BF16)
+    gate, up = ((2 * torch.randn(2, 512, 9728, generator=g, device="cuda")).to(BF16) for _ in range(2))
+    with torch.inference_mode():
+        # a normed value rounded the other way moves its product with the weight by up to two ulps
+        assert_close_bf16(ew.rms_norm(norm, x), te.rms_norm(norm, x), 1e-3, ulps=2)
+        (total, got), (total_ref, want) = ew.add_rms_norm(norm, x, y), te.add_rms_norm(norm, x, y)
+        assert torch.equal(total, total_ref)
+        assert_close_bf16(got, want, 1e-3, ulps=2)
+        for xh, n_rep in ((xk, 4), (xq, 1)):
+            got = ew.text_norm_rope(qk, xh, cos, sin, n_rep)
+            assert got.shape == (2, xh.shape[2] * n_rep, 512, 128)
+            assert_close_bf16(got, te.norm_rope(qk, xh, cos, sin, n_rep), 1e-3, ulps=2)
+        assert_close_bf16(ew.silu_mul(gate, up), te.silu_mul(gate, up), 1e-3)
+
+
+def test_text_encoder_with_triton_elementwise_is_as_close_to_float32_as_the_torch_ops():
+    """Two real-width Qwen3-4B layers over a right-padded batch of 512 tokens with the kernels in place."""
+    from bonsai.backends.cuda.runtime import TRITON_TEXT_OPS
+    from bonsai.backends.torch import text_encoder as te
+    from bonsai.config import Qwen3Fields
+    from bonsai.testing import random_text_encoder
+
+    config = Qwen3Fields(vocab_size=1000, hidden_size=2560, intermediate_size=9728, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6)
+    state = random_text_encoder(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 512), generator=g).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, 20:], mask[1, 300:] = 0, 0
+    feats = {}
+    for name, dtype, ops in (("f32", torch.float32, te.TORCH_TEXT_OPS), ("torch", BF16, te.TORCH_TEXT_OPS),
+                             ("triton", BF16, TRITON_TEXT_OPS)):
+        model = te.load_text_encoder(config, state, device="cuda", dtype=dtype, layers=(1, 2), ops=ops)
+        feats[name] = te.encode(model, ids, mask, (1, 2)).float()
+        del model
+    err = lambda name: ((feats[name] - feats["f32"]).norm() / feats["f32"].norm()).item()  # noqa: E731
+    assert torch.isfinite(feats["triton"]).all()
+    assert err("triton") <= 1.25 * err("torch") + 1e-3, (err("triton"), err("torch"))
+
+
 @pytest.mark.parametrize("b, n, scratch_rows", [(1, 16384, None), (2, 4096, None), (1, 4096, 512), (1, 1000, 128)])
 def test_vae_attention_as_gemms_is_as_close_to_float32_as_sdpa(monkeypatch, b, n, scratch_rows):
     """The VAE's head-dim-512 attention (16384 positions at 1024x1024: four chunks of 4096 queries; or shorter

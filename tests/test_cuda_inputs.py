@@ -98,6 +98,23 @@ def test_kept_text_encoder_replays_graphs_equal_to_its_eager_forward(pipes):
     assert set(rt._encoder_graphs) == {(1, rt.text_config.max_length)}
 
 
+def test_decode_replays_one_graph_per_size_equal_to_the_eager_decode(pipes):
+    """The untiled decode replays a CUDA graph per (latents shape, size): its pixels equal the eager decode's for
+    new latents of a size seen before (the static input refreshed); a tiled size stays eager."""
+    cuda, _ = pipes
+    rt = cuda.runtime
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for height, width in ((64, 64), (48, 80), (64, 64), (16, 1040)):
+        x = torch.randn(1, height // 16 * (width // 16), 128, device="cuda", dtype=rt.dtype, generator=g)
+        got = rt.decode(x, height, width)
+        want = rt.vae.decode_latents(x, height, width, tile=width > 1024)
+        assert got.shape == (1, height, width, 3) and got.std() > 1.0
+        assert np.array_equal(got, want), (height, width)
+    graphed = {key[1:] for key in rt._graphs if key[0] == "decode"}
+    assert {((1, 16, 128), 64, 64), ((1, 15, 128), 48, 80)} <= graphed
+    assert all((h, w) != (16, 1040) for _, h, w in graphed)
+
+
 def test_low_memory_mode_offloads_the_text_encoder_and_transformer(pipes, tmp_path):
     cuda, _ = pipes
     low = bonsai.Pipeline.from_pretrained(cuda.model, backend="cuda", memory="low")

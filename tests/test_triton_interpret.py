@@ -165,9 +165,10 @@ LAYER_SCRIPT = textwrap.dedent(
 ELEMENTWISE_SCRIPT = textwrap.dedent(
     """
     import torch
-    from bonsai.backends.cuda.elementwise import (conv_bias_add, conv_group_norm_silu, gated_add, group_norm_silu,
-                                                  join_swiglu, modulate, rms_norm_rope, softmax_rows, swiglu,
-                                                  upsample_nearest)
+    from bonsai.backends.cuda.elementwise import (add_rms_norm, conv_bias_add, conv_group_norm_silu, gated_add,
+                                                  group_norm_silu, join_swiglu, modulate, rms_norm, rms_norm_rope,
+                                                  silu_mul, softmax_rows, swiglu, text_norm_rope, upsample_nearest)
+    from bonsai.backends.torch import text_encoder as te
     from bonsai.backends.torch.transformer import (gated_add as gated_add_ref, join_swiglu as join_swiglu_ref,
                                                    modulate as modulate_ref, norm_rope, swiglu as swiglu_ref)
     from bonsai.backends.torch.vae import GroupNorm, conv_add, conv_norm_act, norm_act, upsample
@@ -256,6 +257,34 @@ ELEMENTWISE_SCRIPT = textwrap.dedent(
         _, shift, scale = (0.5 * torch.randn(2, 1, 3 * 48, generator=g)).to(dtype).chunk(3, dim=-1)
         close(modulate(x, shift, scale, 1e-6), modulate_ref(x, shift, scale, 1e-6), dtype, 2e-3)
         checked += 5
+        # the text encoder's steps: RMSNorm (alone and after the residual add), the QK norm + rotate_half RoPE of
+        # a strided view with the grouped-query repeat (and without), the SiLU-gated product
+        norm = te.RMSNorm(600, 1e-6)
+        norm.weight.copy_(1 + 0.2 * torch.randn(600, generator=g))
+        norm = norm.to(dtype)
+        x, y = ((torch.randn(2, 7, 600, generator=g) * 3).to(dtype) for _ in range(2))
+        close(rms_norm(norm, x), te.rms_norm(norm, x), dtype, 2e-3)
+        (s_got, got), (s_want, want) = add_rms_norm(norm, x, y), te.add_rms_norm(norm, x, y)
+        close(s_got, s_want, dtype, 0.0)  # one rounding of the exact sum: equal in fp16
+        close(got, want, dtype, 2e-3)
+        qk = te.RMSNorm(16, 1e-6)
+        qk.weight.copy_(1 + 0.2 * torch.randn(16, generator=g))
+        qk = qk.to(dtype)
+        proj = torch.randn(2, 19, 3 * 16 + 2 * 16, generator=g).to(dtype)
+        xk = proj[..., 3 * 16:].unflatten(-1, (2, 16))  # 2 kv heads of a fused projection: rows strided
+        freqs = torch.rand(19, 8, generator=g) * 6
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        for n_rep in (1, 3):
+            got = text_norm_rope(qk, xk, cos, sin, n_rep)
+            assert got.shape == (2, 2 * n_rep, 19, 16)
+            # its rotation computes in the model dtype, which the interpreter gets wrong for bf16 (it keeps bf16
+            # as truncated fp32 bits): fp16 here, bf16 on the GPU (tests/test_cuda_elementwise.py)
+            if dtype == torch.float16:
+                close(got, te.norm_rope(qk, xk, cos, sin, n_rep), dtype, 0.0, ulps=2)
+        gate, up = ((torch.randn(2, 7, 300, generator=g) * 3).to(dtype) for _ in range(2))
+        close(silu_mul(gate, up), te.silu_mul(gate, up), dtype, 0.0)
+        checked += 5
 
     x = torch.randn(2, 24, 40, 37, generator=g) * 3 + 1.5
     weight, bias = 1 + 0.3 * torch.randn(24, generator=g), 0.3 * torch.randn(24, generator=g)
@@ -284,6 +313,16 @@ ELEMENTWISE_SCRIPT = textwrap.dedent(
     _, shift, scale = (0.5 * torch.randn(2, 1, 3 * 600, generator=g)).chunk(3, dim=-1)
     assert rel(gated_add(x, scale, y), gated_add_ref(x, scale, y)) <= 1e-5
     assert rel(modulate(x, shift, scale, 1e-6), modulate_ref(x, shift, scale, 1e-6)) <= 1e-5
+    norm, qk = te.RMSNorm(600, 1e-6), te.RMSNorm(16, 1e-6)
+    for n in (norm, qk):
+        n.weight.copy_(1 + 0.2 * torch.randn(n.weight.shape[0], generator=g))
+    assert rel(rms_norm(norm, x), te.rms_norm(norm, x)) <= 1e-5
+    assert rel(add_rms_norm(norm, x, y)[1], te.add_rms_norm(norm, x, y)[1]) <= 1e-5
+    xk = torch.randn(2, 19, 2, 16, generator=g)
+    freqs = torch.rand(19, 8, generator=g) * 6
+    cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((freqs, freqs), dim=-1).sin()
+    assert rel(text_norm_rope(qk, xk, cos, sin, 4), te.norm_rope(qk, xk, cos, sin, 4)) <= 1e-5
+    assert rel(silu_mul(x, y), te.silu_mul(x, y)) <= 1e-5
     # the VAE attention's softmax: rows of one, two and three blocks (ragged), scores of unit scale and scores
     # large enough that only the max subtraction keeps exp finite; bf16 within one ulp of the float64 softmax (the
     # interpreter truncates), what is below fp32's range flushed to zero
@@ -299,7 +338,7 @@ ELEMENTWISE_SCRIPT = textwrap.dedent(
     x = torch.randn(2, 24, 13, 11, generator=g).contiguous(memory_format=torch.channels_last)
     assert rel(conv_group_norm_silu(layer, norm, h, True), conv_norm_act(layer, norm, h, True)) <= 1e-5
     assert rel(conv_bias_add(layer, h, x), conv_add(layer, h, x)) <= 1e-5
-    print("OK", checked + 7)
+    print("OK", checked + 11)
     """
 )
 
@@ -371,6 +410,6 @@ def test_fast_layers_fused_choice_in_interpreter(interpreted):
 
 @pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)
 def test_elementwise_kernels_in_interpreter(interpreted):
-    """group_norm_silu, rms_norm_rope, join_swiglu, swiglu, gated_add and modulate against the torch code they
-    replace, in fp16 and bf16 and in float32 (<= 1e-5 relative)."""
-    assert run_interpreted(interpreted, "elementwise").startswith("OK 69")
+    """group_norm_silu, rms_norm_rope, join_swiglu, swiglu, gated_add, modulate and the text encoder's steps
+    against the torch code they replace, in fp16 and bf16 and in float32 (<= 1e-5 relative)."""
+    assert run_interpreted(interpreted, "elementwise").startswith("OK 83")

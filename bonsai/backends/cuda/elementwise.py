@@ -14,6 +14,9 @@ torch code it replaces rounds.
   double block's feed-forward (no attention part).
 - `gated_add`: the gated residual x + gate * y (and the fp16 clip) in one vectorized pass.
 - `modulate`: LayerNorm + (1 + scale) * x + shift in one pass.
+- The text encoder's steps (`TextOps`): `rms_norm`, `add_rms_norm` (the residual add and the norm after it),
+  `text_norm_rope` (QK RMSNorm + rotate_half RoPE + the grouped-query head repeat, in SDPA's layout) and
+  `silu_mul`, one pass each.
 
 All run under TRITON_INTERPRET=1 on CPU, which is how CI checks them against the torch code they replace.
 """
@@ -533,4 +536,153 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     block_m = max(1, 4096 // block_d)
     _modulate_kernel()[(triton.cdiv(b * n, block_m),)](x, shift, scale, out, b * n, n, d, eps, BLOCK_M=block_m,
                                                         BLOCK_D=block_d)
+    return out
+
+
+# --- the text encoder's (Qwen3) steps ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _rms_norm_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm(x_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, M, D, eps, ADD: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+        # BLOCK_M whole rows of D; ADD: the rows are x + y, rounded (and stored) first, as the residual add is.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_D)
+        mask = (rows < M)[:, None] & (cols < D)[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        dt = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if ADD:
+            x = (x.to(tl.float32) + tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+            tl.store(sum_ptr + offs, x, mask=mask)
+        x = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        # RMSNorm rounds the normed rows to the model dtype before the weight's product
+        y = (x * rstd[:, None]).to(dt).to(tl.float32) * w[None, :]
+        tl.store(out_ptr + offs, y.to(dt), mask=mask)
+
+    return rms_norm
+
+
+def _rms_norm(norm, x: torch.Tensor, y: torch.Tensor | None):
+    import triton
+
+    d = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    total = torch.empty_like(x) if y is not None else out
+    block_d = triton.next_power_of_2(d)
+    block_m = max(1, 2048 // block_d)
+    m = x.numel() // d
+    _rms_norm_kernel()[(triton.cdiv(m, block_m),)](
+        x, x if y is None else y.contiguous(), norm.weight, total, out, m, d, norm.eps, ADD=y is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d)
+    return out if y is None else (total, out)
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The text encoder's `norm(x)` (RMSNorm over the last dim: float32 statistics, rounded, then the weight) in
+    one pass."""
+    return _rms_norm(norm, x, None)
+
+
+def add_rms_norm(norm, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, norm(x + y)) in one pass: the residual add and the RMSNorm after it."""
+    if y.shape != x.shape:
+        raise ValueError(f"add_rms_norm needs x and y of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return _rms_norm(norm, x, y)
+
+
+@functools.cache
+def _text_norm_rope_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def norm_rope(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, S, H, eps, sx_b, sx_s, sx_h, so_b, so_h, so_s,
+                  N_REP: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # One head of BLOCK_S tokens, as its two halves (rotate_half pairs element j with j + D/2): normed,
+        # rotated and stored once per repeated head.
+        pid_s, bh = tl.program_id(0), tl.program_id(1)
+        bi, hi = bh // H, bh % H
+        s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D // 2)
+        mask = (s < S)[:, None]
+        s64 = s.to(tl.int64)[:, None]
+        src = x_ptr + bi.to(tl.int64) * sx_b + hi * sx_h + s64 * sx_s + d[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + D // 2, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+        dt = out_ptr.dtype.element_ty
+        w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        w2 = tl.load(w_ptr + D // 2 + d).to(tl.float32)[None, :]
+        y1 = ((x1 * rstd[:, None]).to(dt).to(tl.float32) * w1).to(dt)
+        y2 = ((x2 * rstd[:, None]).to(dt).to(tl.float32) * w2).to(dt)
+        table = s64 * D + d[None, :]
+        c1 = tl.load(cos_ptr + table, mask=mask, other=0.0)
+        c2 = tl.load(cos_ptr + table + D // 2, mask=mask, other=0.0)
+        s1 = tl.load(sin_ptr + table, mask=mask, other=0.0)
+        s2 = tl.load(sin_ptr + table + D // 2, mask=mask, other=0.0)
+        # y * cos + rotate_half(y) * sin in the model dtype: each product and the sum rounded, as the torch ops
+        o1 = y1 * c1 - y2 * s1
+        o2 = y2 * c2 + y1 * s2
+        for r in tl.static_range(N_REP):
+            dst = out_ptr + bi.to(tl.int64) * so_b + (hi * N_REP + r) * so_h + s64 * so_s + d[None, :]
+            tl.store(dst, o1, mask=mask)
+            tl.store(dst + D // 2, o2, mask=mask)
+
+    return norm_rope
+
+
+def text_norm_rope(norm, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """The text encoder's QK RMSNorm + rotate_half RoPE of x [B, S, H, d] (unit stride in d), each head repeated
+    n_rep times, in one pass -> [B, H * n_rep, S, d] (a transposed view of [B, S, H * n_rep, d] memory, which
+    SDPA reads as it is)."""
+    b, s, h, d = x.shape
+    if x.stride(-1) != 1 or cos.shape != (s, d) or sin.shape != (s, d):
+        raise ValueError(f"text_norm_rope needs x [B, S, H, d] with unit stride in d and cos, sin [{s}, {d}], got "
+                         f"{tuple(x.shape)} {x.stride()}, {tuple(cos.shape)}, {tuple(sin.shape)}")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(b, s, h * n_rep, d, device=x.device, dtype=x.dtype).transpose(1, 2)
+    block_s = 32
+    # no FMA contraction: Triton computes the bf16 rotation in fp32 and would fuse y1 * c1 - y2 * s1 into one
+    # rounding (0.23 of the values an ulp off torch's on the H200, against 6e-6 without)
+    _text_norm_rope_kernel()[(-(-s // block_s), b * h)](
+        x, norm.weight, cos, sin, out, s, h, norm.eps, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
+        out.stride(1), out.stride(2), N_REP=n_rep, D=d, BLOCK_S=block_s, enable_fp_fusion=False)
+    return out
+
+
+@functools.cache
+def _silu_mul_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def silu_mul(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        # F.silu(gate) * up rounds SiLU's output to the model dtype before the product
+        silu = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + i, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+    return silu_mul
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up in one pass."""
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul needs gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    block = 2048
+    _silu_mul_kernel()[(-(-gate.numel() // block),)](gate, up, out, gate.numel(), BLOCK=block)
     return out

@@ -16,7 +16,7 @@ from ...memory import MemorySampler, available_bytes, cuda_bytes, keep_resident,
 from .linear import LowBitLinear
 from .lora import set_adapters as set_lora_adapters
 from .text_encoder import encode as encode_text
-from .text_encoder import load_text_encoder
+from .text_encoder import TORCH_TEXT_OPS, TextOps, load_text_encoder
 from .transformer import TORCH_OPS, Ops, load_transformer
 from .vae import TORCH_VAE_OPS, VaeOps, load_vae_decoder, load_vae_encoder
 
@@ -206,7 +206,8 @@ class TorchRuntime:
     def memory_report(self) -> dict:
         if self.device.type == "cuda":
             held = cuda_bytes(self.device)
-            return dict(allocated_gb=held["current"] / 1e9, peak_gb=held["peak"] / 1e9)
+            return dict(allocated_gb=held["current"] / 1e9, peak_gb=held["peak"] / 1e9,
+                        reserved_gb=held["reserved"] / 1e9, peak_reserved_gb=held["peak_reserved"] / 1e9)
         return {}
 
     def _stop_sampler(self) -> MemorySampler | None:
@@ -240,15 +241,18 @@ def vae_encoder_loader(folder: Path, device, dtype) -> LazyModel:
     return LazyModel(load, keep=True)
 
 
-def text_encoder_loader(folder: Path, text_config: TextEncoderConfig, device, dtype, packed_linear=None):
-    """The text encoder's load function; packed_linear: keep the HQQ pack's linears 4-bit as these modules."""
+def text_encoder_loader(folder: Path, text_config: TextEncoderConfig, device, dtype, packed_linear=None,
+                        ops: TextOps = TORCH_TEXT_OPS):
+    """The text encoder's load function; packed_linear: keep the HQQ pack's linears 4-bit as these modules; ops:
+    its elementwise steps."""
 
     def load():
         packed = packed_linear is not None
         config, state = weights.read_text_encoder(folder, layers=text_config.layers_needed, dtype=dtype,
                                                   packed=packed, device=device if packed else None)
         return load_text_encoder(config, state, device=device, dtype=dtype, layers=text_config.feature_layers,
-                                 make_linear=packed_linear, source=str(weights.find_text_encoder(folder)[1]))
+                                 make_linear=packed_linear, source=str(weights.find_text_encoder(folder)[1]),
+                                 ops=ops)
 
     return load
 

@@ -8,6 +8,9 @@ their slots), SiLU-gated MLP. Attribute names are the checkpoint's `model.*` key
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +35,41 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return norm(x)
+
+
+def add_rms_norm(norm: RMSNorm, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm after it -> (x + y, norm(x + y))."""
+    s = x + y
+    return s, norm(s)
+
+
+def norm_rope(norm: RMSNorm, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """The QK RMSNorm of x [B, S, H, d] and rotate_half RoPE (cos, sin [S, d]), each head repeated n_rep times
+    for grouped-query attention -> [B, H * n_rep, S, d]."""
+    y = norm(x).transpose(1, 2)
+    y = y * cos + rotate_half(y) * sin
+    return y if n_rep == 1 else y.repeat_interleave(n_rep, dim=1)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class TextOps:
+    """The elementwise steps a backend may run as other code of the same math (CUDA: Triton kernels)."""
+
+    rms_norm: Callable = rms_norm
+    add_rms_norm: Callable = add_rms_norm
+    norm_rope: Callable = norm_rope
+    silu_mul: Callable = silu_mul
+
+
+TORCH_TEXT_OPS = TextOps()
+
+
 def rope_inv_freq(config: Qwen3Fields) -> torch.Tensor:
     """[head_dim / 2] float32, computed on the CPU as transformers does."""
     d = config.head_dim
@@ -44,10 +82,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, c: Qwen3Fields):
+    def __init__(self, c: Qwen3Fields, ops: TextOps = TORCH_TEXT_OPS):
         super().__init__()
         bias = bool(c.attention_bias)
-        self.head_dim, self.n_rep = c.head_dim, c.num_attention_heads // c.num_key_value_heads
+        self.head_dim, self.n_rep, self.ops = c.head_dim, c.num_attention_heads // c.num_key_value_heads, ops
         self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=bias)
@@ -58,51 +96,53 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
         shape = (B, S, -1, self.head_dim)  # -> [B, heads, S, head_dim] after the transpose
-        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         # with a mask, transformers repeats the kv heads rather than use SDPA's enable_gqa (CUDA's math fallback)
-        k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
+        q = self.ops.norm_rope(self.q_norm, self.q_proj(x).view(shape), cos, sin, 1)
+        k = self.ops.norm_rope(self.k_norm, self.k_proj(x).view(shape), cos, sin, self.n_rep)
+        v = self.v_proj(x).view(shape).transpose(1, 2).repeat_interleave(self.n_rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, c: Qwen3Fields):
+    def __init__(self, c: Qwen3Fields, ops: TextOps = TORCH_TEXT_OPS):
         super().__init__()
+        self.ops = ops
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: Qwen3Fields):
+    def __init__(self, c: Qwen3Fields, ops: TextOps = TORCH_TEXT_OPS):
         super().__init__()
-        self.self_attn = Attention(c)
-        self.mlp = MLP(c)
+        self.ops = ops
+        self.self_attn = Attention(c, ops)
+        self.mlp = MLP(c, ops)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.ops.rms_norm(self.input_layernorm, x), cos, sin, mask)
+        x, h = self.ops.add_rms_norm(self.post_attention_layernorm, x, attn)
+        return x + self.mlp(h)
 
 
 class Qwen3TextEncoder(nn.Module):
-    """`model.*` of Qwen3ForCausalLM without the final norm: embed_tokens + the first n decoder layers."""
+    """`model.*` of Qwen3ForCausalLM without the final norm: embed_tokens + the first n decoder layers. ops: the
+    elementwise steps (`TextOps`)."""
 
-    def __init__(self, config: Qwen3Fields, n_layers: int, device=None):
+    def __init__(self, config: Qwen3Fields, n_layers: int, device=None, ops: TextOps = TORCH_TEXT_OPS):
         super().__init__()
         self.config = config
         # a given weight skips the random init: normal_ on meta tensors imports torch._dynamo (seconds in a new
         # process: 0.9 s on our CPU machine, more on the H200 host)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, ops) for _ in range(n_layers))
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device or "cpu"), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers=FEATURE_LAYERS) -> dict:
@@ -126,13 +166,13 @@ class Qwen3TextEncoder(nn.Module):
 
 
 def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = torch.float32, layers=FEATURE_LAYERS,
-                      make_linear=None, source="text encoder") -> Qwen3TextEncoder:
+                      make_linear=None, source="text encoder", ops: TextOps = TORCH_TEXT_OPS) -> Qwen3TextEncoder:
     """A Qwen3TextEncoder with decoder layers [0, max(layers)) from a Qwen3ForCausalLM state dict.
 
     config: `Qwen3Fields` (as `bonsai.weights.read_text_encoder` returns it), a config.json dict, or an object
     with `to_dict()` (a transformers Qwen3Config). Values that are not tensors (packed `Int4Weight` linears)
-    become `make_linear(weight, device=, dtype=)`. Strict (`bonsai.state.check_state`, naming `source`, the file
-    the state came from).
+    become `make_linear(weight, device=, dtype=)`. ops: the elementwise steps (`TextOps`). Strict
+    (`bonsai.state.check_state`, naming `source`, the file the state came from).
     """
     if not isinstance(config, Qwen3Fields):
         config = Qwen3Fields.from_dict(config if isinstance(config, dict) else config.to_dict(), source)
@@ -140,7 +180,7 @@ def load_text_encoder(config, state: dict, device="cpu", dtype: torch.dtype = to
     if config.num_hidden_layers < n:
         raise BonsaiValueError(f"{source}: text encoder has {config.num_hidden_layers} layers, features need {n}")
     with torch.device("meta"):
-        model = Qwen3TextEncoder(config.first_layers(n), n, device=device)
+        model = Qwen3TextEncoder(config.first_layers(n), n, device=device, ops=ops)
     prefix = "model."
     wanted = {k.removeprefix(prefix): v for k, v in state.items()
               if k.startswith(prefix) and not (k.startswith("model.layers.") and int(k.split(".")[2]) >= n)

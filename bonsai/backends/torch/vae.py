@@ -206,12 +206,18 @@ def blend_tiles(fn, z: torch.Tensor, tile: int, overlap: int, scale: int, blend:
 # --- model ------------------------------------------------------------------------------------------------------
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3], with the arithmetic of diffusers' postprocess (float32,
-    round half to even), on the image's device: only the uint8 pixels cross to the host."""
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in about [-1, 1] -> uint8 [B, H, W, 3] on the image's device, with the arithmetic of diffusers'
+    postprocess (float32, round half to even): only the uint8 pixels cross to the host."""
     x = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     # channels last on the device: a strided copy would leave the host a 2-3 ms transpose per 1024x1024 image
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def tiles(side: int, tile: bool | None) -> bool:
+    """Whether a decode of VAE latents `side` pixels on their longer side runs in tiles (tile=None: above
+    AUTO_TILE_ABOVE)."""
+    return side > AUTO_TILE_ABOVE if tile is None else bool(tile)
 
 
 class VAEDecoder(nn.Module):
@@ -233,9 +239,7 @@ class VAEDecoder(nn.Module):
     def decode(self, z: torch.Tensor, tile: bool | None = None, tile_size: int = 64, tile_overlap: int = 16,
                blend: str = "cosine") -> torch.Tensor:
         """Like forward, optionally over overlapping tiles (sizes in VAE latent pixels); tile=None tiles large inputs."""
-        if tile is None:
-            tile = max(z.shape[-2:]) > AUTO_TILE_ABOVE
-        if not tile:
+        if not tiles(max(z.shape[-2:]), tile):
             return self(z)
         return blend_tiles(self, z, tile_size, tile_overlap, self.config.scale_factor, blend)
 
@@ -250,12 +254,18 @@ class VAEDecoder(nn.Module):
         return L.unpatchify(z)
 
     @torch.inference_mode()
-    def decode_latents(self, packed: torch.Tensor, height: int, width: int, tile: bool | None = None,
-                       tile_size: int = 64, tile_overlap: int = 16, blend: str = "cosine") -> np.ndarray:
-        """Packed latents [B, N_img, 128] -> uint8 images [B, H, W, 3] (H, W floored to multiples of 16)."""
+    def pixels(self, packed: torch.Tensor, height: int, width: int, tile: bool | None = None, tile_size: int = 64,
+               tile_overlap: int = 16, blend: str = "cosine") -> torch.Tensor:
+        """Packed latents [B, N_img, 128] -> uint8 images [B, H, W, 3] on the decoder's device (H, W floored to
+        multiples of 16)."""
         z = self.latents_to_vae(packed.to(self.bn.running_mean.device), height, width)
         z = z.to(self.decoder.conv_in.weight.dtype)
         return to_uint8(self.decode(z, tile, tile_size, tile_overlap, blend))
+
+    def decode_latents(self, packed: torch.Tensor, height: int, width: int, tile: bool | None = None,
+                       tile_size: int = 64, tile_overlap: int = 16, blend: str = "cosine") -> np.ndarray:
+        """`pixels` as a numpy array on the host."""
+        return self.pixels(packed, height, width, tile, tile_size, tile_overlap, blend).cpu().numpy()
 
 
 def decoder_state(state: dict) -> dict:
