@@ -7,7 +7,8 @@ Flux2KleinPipeline in bf16), on a CUDA GPU.
 Sections (--sections, comma list):
   load     Pipeline.from_pretrained per layout and kind (page cache warm: the second load of each), with its stages
   e2e      per implementation and size: first image, second image, warm median of 5 (distinct prompts, so every
-           render runs the text encoder), stage times from Result.report, peak GPU memory
+           render runs the text encoder), stage times from Result.report, peak GPU memory allocated and reserved
+           (reserved counts what the CUDA graphs use as they replay: their pools sit outside the allocated count)
   batch    images/s of pipe(prompts, batch_size=N) for N = 1, 2, 4, 8, and the bf16 pixel difference of a batched
            image against the same image rendered alone
   lowvram  memory="low": peak torch.cuda.max_memory_allocated of a 1024x1024 render, and its time; the defaults'
@@ -94,6 +95,7 @@ def bench_e2e(repo, impls, sizes, reps=5):
                        total_s=median(t for t, _ in runs), encode_s=median(r.encode_s for r in reports),
                        denoise_s=median(r.denoise_s for r in reports), decode_s=median(r.decode_s for r in reports),
                        peak_gb=max(r.peak_memory_gb for r in reports), memory=reports[-1].memory,
+                       peak_reserved_gb=max(r.memory["peak_reserved_gb"] for r in reports),
                        max_diff_vs_first=int(diff.max()), mean_diff_vs_first=float(diff.mean()))
             rows.append(row)
             print(f"e2e {impl:10s} {size}: first {first:.2f} s, second {second * 1e3:.0f} ms, warm median "
@@ -248,7 +250,8 @@ def bench_peer(repo, sizes, reps=5):
         torch.cuda.reset_peak_memory_stats()
         times = [peer_render(pipe, p, size) for p in PROMPTS[1:1 + reps]]
         rows.append(dict(impl="diffusers_bf16", size=size, first_s=first, total_s=median(times),
-                         peak_gb=torch.cuda.max_memory_allocated() / 1e9))
+                         peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+                         peak_reserved_gb=torch.cuda.max_memory_reserved() / 1e9))
         print(f"peer diffusers {size}: first {first:.2f} s, warm median {rows[-1]['total_s'] * 1e3:.0f} ms, peak "
               f"{rows[-1]['peak_gb']:.2f} GB", flush=True)
     del pipe, transformer, vae, text_encoder
@@ -273,13 +276,13 @@ def markdown(result) -> str:
                   "prompts; warm = median of 5 after the first two images; the first image against the first "
                   "row's (same prompt and seed, /255):", "",
                   "| implementation | size | warm | encode | denoise | decode | first image | second image | peak "
-                  "GPU | max / mean diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "allocated | peak reserved | max / mean diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             stage = lambda k: f"{r[k] * 1e3:.0f} ms" if k in r else "-"  # noqa: E731
             second = f"{r['second_s'] * 1e3:.0f} ms" if "second_s" in r else "-"
             lines.append(f"| {r['impl']} | {r['size']}² | {r['total_s'] * 1e3:.0f} ms | {stage('encode_s')} | "
                          f"{stage('denoise_s')} | {stage('decode_s')} | {r['first_s']:.2f} s | {second} | "
-                         f"{r['peak_gb']:.2f} GB | {diff_cell(r)} |")
+                         f"{r['peak_gb']:.2f} GB | {r['peak_reserved_gb']:.2f} GB | {diff_cell(r)} |")
     if result.get("batch"):
         lines += ["", "Batched denoise (`pipe(prompts, batch_size=N)`, defaults), best of 2; image 0 of the batch vs "
                   "the same prompt and seed alone (bf16, /255):", "",

@@ -29,7 +29,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default="render",
                     help="render (a whole call), encode (one CudaRuntime.encode), decode (one CudaRuntime.decode), "
-                         "noise (the seeded noise, on the host)")
+                         "noise (the seeded noise, on the host), noise_torch (the same with torch.randn)")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--trace", help="write the render's Chrome trace here")
     ap.add_argument("--stack", action="store_true", help="record Python frames (the gaps then name them)")
@@ -45,7 +45,9 @@ def main(argv=None):
     ids, mask = tokenize(pipe.tokenizer, ["a bonsai tree on a desk"], pipe.text_config.max_length)
     runs = dict(render=lambda: pipe(next(prompts), width=size, height=size, progress=False),
                 encode=lambda: rt.encode(ids, mask), decode=lambda: rt.decode(x, size, size),
-                noise=lambda: latents.noise(0, size, size, dtype=rt.dtype))
+                noise=lambda: latents.noise(0, size, size, dtype=rt.dtype),
+                noise_torch=lambda: torch.randn((1, 128, size // 16, size // 16), dtype=rt.dtype,
+                                                generator=torch.Generator().manual_seed(0)))
     for stage in args.stages.split(","):
         print(f"{stage} wall ms", [round(t * 1e3, 1) for t in timed(runs[stage], 5)])
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=args.stack) as prof:

@@ -21,7 +21,8 @@ for step in "$@"; do
       nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader ;;
     tests-kernels|tests)
       [ $step = tests ] && files="tests/test_cuda_transformer.py tests/test_cuda_inputs.py tests/test_cuda_state.py tests/test_cuda_elementwise.py
-        tests/test_cuda_choice.py tests/test_elementwise.py tests/test_tokenizer.py" \
+        tests/test_cuda_choice.py tests/test_elementwise.py tests/test_tokenizer.py tests/test_noise.py
+        tests/test_latents.py" \
         || files="tests/test_cuda_linear.py tests/test_gemlite_layout.py"
       timeout 540 python3 -m pytest -v -n 14 --dist load -p no:cacheprovider --timeout 500 $files 2>&1 \
         | grep --line-buffered -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|Error" | tee "$OUT/h200-$step.log" | tail -25 ;;

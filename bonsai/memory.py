@@ -87,16 +87,18 @@ def keep_resident(free_bytes: int, need_bytes: int, margin: float = 1.25) -> boo
 
 
 def cuda_bytes(device) -> dict[str, int]:
-    """The CUDA caching allocator's bytes: allocated now ("current"), its peak since the last reset ("peak") and
-    reserved from the driver ("reserved"). One stats call: `torch.cuda.memory_allocated` and its siblings each
-    flatten the whole stats tree in Python (three of them took 2.2 ms of host time at the end of a profiled
-    render, `benchmarks/results/h200-render-gaps-512.log`)."""
+    """The CUDA caching allocator's bytes: allocated now ("current"), its peak since the last reset ("peak"),
+    reserved from the driver ("reserved") and that peak ("peak_reserved": unlike "peak", it counts the memory
+    CUDA graphs use as they replay, which their private pools hold outside the allocated count). One stats call:
+    `torch.cuda.memory_allocated` and its siblings each flatten the whole stats tree in Python (three of them took
+    2.2 ms of host time at the end of a profiled render, `benchmarks/results/h200-render-gaps-512.log`)."""
     import torch
 
     stats = torch.cuda.memory_stats_as_nested_dict(device)
     allocated = stats.get("allocated_bytes", {}).get("all", {})  # empty before the first allocation
+    reserved = stats.get("reserved_bytes", {}).get("all", {})
     return dict(current=allocated.get("current", 0), peak=allocated.get("peak", 0),
-                reserved=stats.get("reserved_bytes", {}).get("all", {}).get("current", 0))
+                reserved=reserved.get("current", 0), peak_reserved=reserved.get("peak", 0))
 
 
 def available_bytes(device) -> int | None:

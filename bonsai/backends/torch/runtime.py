@@ -206,7 +206,8 @@ class TorchRuntime:
     def memory_report(self) -> dict:
         if self.device.type == "cuda":
             held = cuda_bytes(self.device)
-            return dict(allocated_gb=held["current"] / 1e9, peak_gb=held["peak"] / 1e9)
+            return dict(allocated_gb=held["current"] / 1e9, peak_gb=held["peak"] / 1e9,
+                        reserved_gb=held["reserved"] / 1e9, peak_reserved_gb=held["peak_reserved"] / 1e9)
         return {}
 
     def _stop_sampler(self) -> MemorySampler | None:
