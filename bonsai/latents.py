@@ -87,7 +87,7 @@ def randn_bf16_scalar(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     cos, sin = _box_muller_bf16_tables()
     m = n - n % 16
     draws = np.random.RandomState(seed & 0xFFFFFFFF).randint(0, 2**32, size=n + (16 if m < n else 0), dtype=np.uint32)
-    low = draws.view(np.uint8)[::4]  # the low byte of each little-endian draw: the uniform's 8 bits
+    low = draws.astype("<u4", copy=False).view(np.uint8)[::4]  # each draw's low byte: the uniform's 8 bits
     out = np.empty(n, np.uint16)
 
     def box_muller(dst, src):
