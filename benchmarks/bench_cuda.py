@@ -4,7 +4,7 @@
 
 Per linear (every FLUX.2 klein 4B shape x M tokens): our GEMMs (Triton expand + cuBLAS, our fused Triton GEMM,
 the per-shape "auto" pick, fp8 activations), gemlite with 8-bit packing (the released layout, loaded as stored),
-dense cuBLAS bf16. Per step: the full 4B transformer (5 double + 20
+dense cuBLAS bf16; `projections`: linears that read one input (q, k, v), one by one and as one GEMM. Per step: the full 4B transformer (5 double + 20
 single blocks, random weights built in memory) with each linear kind at 512^2 and 1024^2, eager and as one CUDA
 graph, with weights / steady / peak VRAM; a torch.profiler breakdown by kernel category. Whole images through
 `bonsai.Pipeline` are benchmarked by bench_pipeline.py. Writes OUT.json and OUT.md; prints rows as it goes.
@@ -138,6 +138,55 @@ def bench_linears(dtype, with_gemlite, kinds):
                       f"{row['expand_cublas_tflops']:6.1f}  fused {row['fused_tflops']:6.1f}  auto {row['auto_tflops']:6.1f}"
                       f" ({picked})  fp8 {row['fp8_tflops']:6.1f} ({best8}, err {err8:.2e})  gemlite "
                       f"{row['gemlite_tflops'] or float('nan'):6.1f}", flush=True)
+    return rows
+
+
+def bench_projections(dtype, kinds):
+    """Linears that read one input, one by one and together as one GEMM over their weights side by side
+    (`project`, what the models run), beside dense cuBLAS on resident bf16 weights one by one; replayed from CUDA
+    graphs as the runtime runs them. A double block stream's q, k, v (3072 -> 3 x 3072) at the text's M (512) and
+    the image's (1024 at 512x512, 4096 at 1024x1024), bf16 and fp8 activations; the text encoder's 4-bit q, k, v
+    (2560 -> 4096 + 2 x 1024) and gate, up (2560 -> 2 x 9728; it gains nothing, so its MLP runs them apart) at its
+    512 tokens."""
+    from expand_study import graph_ms
+
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.cuda.linear import FastInt4Linear, FastLowBitLinear, Workspace
+    from bonsai.backends.torch.linear import project
+    from bonsai.quant.qwen4bit import Int4Weight
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    ws, choices = Workspace("cuda"), GemmChoices()
+
+    def int4(n, k):
+        packed = torch.randint(0, 256, (n, k // 2), generator=gen, device="cuda", dtype=torch.uint8)
+        scale, zero = (torch.rand(n, k // 64, generator=gen, device="cuda").to(dtype) for _ in range(2))
+        return FastInt4Linear(Int4Weight(packed, scale, zero, 64), device="cuda", workspace=ws)
+
+    cases = []  # (group, activations, layers, M list)
+    for kind in kinds:
+        weights = [random_lowbit(3072, 3072, kind, gen) for _ in range(3)]
+        for acts in (None, "fp8"):
+            layers = [FastLowBitLinear(w, activations=acts, workspace=ws, choices=choices) for w in weights]
+            cases.append((f"{kind} q, k, v", acts, layers, (512, 1024, 4096)))
+    cases += [("4-bit text q, k, v", None, [int4(n, 2560) for n in (4096, 1024, 1024)], (512,)),
+              ("4-bit text gate, up", None, [int4(9728, 2560) for _ in range(2)], (512,))]
+    rows = []
+    for group, acts, layers, ms in cases:
+        dense = [layer.dense(dtype) for layer in layers]
+        for m in ms:
+            x = torch.randn(1, m, layers[0].in_features, device="cuda", dtype=dtype)
+            apart = [layer(x) for layer in layers]  # also measures each layer's choice
+            together = project(x, layers)
+            err = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(together, apart))
+            row = dict(group=group, activations=acts or str(dtype).removeprefix("torch."), M=m,
+                       dense_ms=graph_ms(lambda: [F.linear(x, w) for w in dense]),
+                       apart_ms=graph_ms(lambda: [layer(x) for layer in layers]),
+                       together_ms=graph_ms(lambda: project(x, layers)), rel_diff=err)
+            rows.append(row)
+            print(f"{group:20s} {row['activations']:8s} M={m:5d}  dense {row['dense_ms'] * 1e3:6.1f} us  one by one "
+                  f"{row['apart_ms'] * 1e3:6.1f} us  together {row['together_ms'] * 1e3:6.1f} us  (rel diff {err:.1e})",
+                  flush=True)
     return rows
 
 
@@ -427,6 +476,14 @@ def markdown(result) -> str:
                          f"{r['expand_cublas_tflops']:.0f} | {r['fused_tflops']:.0f} | {r['auto_tflops']:.0f} ({pick}) | "
                          f"{r['auto_tflops'] / r['dense_tflops']:.2f} | {r['fp8_tflops']:.0f} | {r['fp8_rel_err']:.1e} | "
                          f"{g} |")
+    if result.get("projections"):
+        lines += ["", "Linears that read one input, us per call replayed from a CUDA graph: dense cuBLAS on resident "
+                  "bf16 weights one by one, our layers one by one, and together as one GEMM over the weights "
+                  "expanded side by side (what the models run); rel diff: together against one by one.", "",
+                  "| linears | activations | M | dense bf16 | one by one | together | rel diff |", "|---" * 7 + "|"]
+        for r in result["projections"]:
+            lines.append(f"| {r['group']} | {r['activations']} | {r['M']} | {r['dense_ms'] * 1e3:.1f} | "
+                         f"{r['apart_ms'] * 1e3:.1f} | **{r['together_ms'] * 1e3:.1f}** | {r['rel_diff']:.1e} |")
     if result.get("steps"):
         lines += ["", "Full 4B transformer step (5 double + 20 single blocks, 512 text tokens, random weights):", "",
                   "| kind | linears | size | step eager (median of 7) | step CUDA graph | first step | weights VRAM | "
@@ -469,7 +526,7 @@ def top_kernels(rows, keys) -> list[str]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/h100", help="output prefix (writes .json and .md)")
-    p.add_argument("--sections", default="linear,step", help="comma list of linear | step | profile | vae")
+    p.add_argument("--sections", default="linear,step", help="comma list of linear | projections | step | profile | vae")
     p.add_argument("--linear-kinds", default="ternary")
     p.add_argument("--step-kinds", default="ternary,binary")
     p.add_argument("--impls", default="ours,ours_fp8,gemlite,dense_bf16",
@@ -499,6 +556,9 @@ def main(argv=None):
         glb.load_autotune(tune_file)
     if "linear" in sections:
         result["linears"] = bench_linears(dtype, "gemlite" in impls, args.linear_kinds.split(","))
+        save()
+    if "projections" in sections:
+        result["projections"] = bench_projections(dtype, args.linear_kinds.split(","))
         save()
     if "step" in sections:
         result["steps"] = bench_steps(dtype, impls, args.step_kinds.split(","))

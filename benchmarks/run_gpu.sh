@@ -5,7 +5,7 @@
 #   bash benchmarks/run_gpu.sh tests                # the other CUDA tests -> $OUT/h200-tests.log
 #   bash benchmarks/run_gpu.sh cold pipeline        # h200-cold, h200-pipeline (every section, layout, kind)
 #   bash benchmarks/run_gpu.sh e2e                  # h200-pipeline-e2e (e2e and peer rows), h200-lowvram
-#   bash benchmarks/run_gpu.sh serve kernels        # h200-serve(-jpeg), h200-step (per-step kernel profile)
+#   bash benchmarks/run_gpu.sh serve kernels        # h200-serve(-jpeg), h200-step (projections, step, kernel profile)
 # Test logs are verbose (one line per test as it ends), so a run cut short still says what passed.
 # Wheels the GPU image lacks travel in .whl/ (git-ignored): diffusers, importlib_metadata, gemlite's sdist, and for
 # serve fastapi, opentelemetry_api, starlette, pydantic, pydantic_core, typing_inspection, annotated_types, uvicorn.
@@ -45,7 +45,7 @@ full_size_repo(Path('$REPOS'), 'gemlite', 'ternary', device='cuda')" && timeout 
         && timeout 120 python3 load_test.py --model $REPOS/ternary-gemlite --backend cuda --size 1024x1024 \
         --requests 16 --duration 30 --concurrency 1 4 --output-format jpeg --out "$OUT/h200-serve-jpeg" 2>&1 | tail -6) ;;
     kernels)
-      (cd benchmarks && timeout 240 python3 bench_cuda.py --out "$OUT/h200-step" --sections step,profile \
+      (cd benchmarks && timeout 300 python3 bench_cuda.py --out "$OUT/h200-step" --sections projections,step,profile \
         --step-kinds ternary --impls ours,ours_fp8,ours_torchops,dense_bf16 2>&1 | grep -v "^|" | tail -30) ;;
   esac
 done

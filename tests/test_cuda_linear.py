@@ -155,6 +155,60 @@ def test_fp8_path_flux_shapes(weights, kind, in_f, out_f):
 
 
 @pytest.mark.parametrize("kind", ["ternary", "binary"])
+@pytest.mark.parametrize("activations", [None, "fp8"])
+def test_projections_together_flux_width(kind, activations):
+    """A double block stream's q, k, v at real width through `project`: above M = 64 one GEMM (the outputs are
+    column slices of one product), each slice as close to x @ W.T as the layer alone, and to the layer's own
+    output (fp8: the same quantized input, so only the GEMM's rounding differs)."""
+    from bonsai.backends.cuda import linear as cl
+    from bonsai.backends.cuda.choice import GemmChoices
+    from bonsai.backends.torch.linear import project
+
+    made = [make_weight(3072, 3072, kind, seed=i) for i in range(3)]
+    ws, choices = cl.Workspace("cuda"), GemmChoices()
+    layers = [cl.FastLowBitLinear(w, linear="auto", activations=activations, workspace=ws, choices=choices)
+              for w, _, _ in made]
+    for m in (64, 512, 1024, 4096):
+        x = torch.randn(1, m, 3072, device="cuda").to(torch.bfloat16)
+        poison(3 * m * 3072, torch.bfloat16)
+        ys = project(x, layers)
+        assert len({y.untyped_storage().data_ptr() for y in ys}) == (1 if m > 64 else 3), m
+        for y, layer, (_, codes, scales) in zip(ys, layers, made):
+            assert y.shape == (1, m, 3072) and torch.isfinite(y).all(), m
+            assert rel(y.view(m, 3072), layer(x).view(m, 3072).float()) < 3e-3, m
+            ref = reference(x.view(m, 3072), codes, scales, torch.bfloat16)
+            assert rel(y.view(m, 3072), ref) < (3e-3 if activations is None else 0.1), m
+
+
+def test_text_encoder_projections_together_real_width():
+    """The 4-bit text encoder's q, k, v (2560 -> 4096 + 2 x 1024) and gate, up (2560 -> 2 x 9728) at 512 prompt
+    tokens through `project`: one GEMM, each slice as close to x @ W.T (W dequantized in the test) as one layer."""
+    from bonsai.backends.cuda import linear as cl
+    from bonsai.backends.torch.linear import project
+    from bonsai.quant.qwen4bit import Int4Weight
+
+    g = torch.Generator("cuda").manual_seed(0)
+    ws = cl.Workspace("cuda")
+    x = torch.randn(1, 512, 2560, device="cuda", generator=g).to(torch.bfloat16)
+    for widths in ((4096, 1024, 1024), (9728, 9728)):
+        layers, dense = [], []
+        for n in widths:
+            q = torch.randint(0, 16, (n, 2560), generator=g, device="cuda")
+            scale = (torch.rand(n, 40, generator=g, device="cuda") / 40).to(torch.bfloat16)
+            zero = (torch.rand(n, 40, generator=g, device="cuda") * 15).to(torch.bfloat16)
+            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+            layers.append(cl.FastInt4Linear(Int4Weight(packed, scale, zero, 64), device="cuda", workspace=ws))
+            w = (q.view(n, 40, 64).float() - zero.float()[..., None]) * scale.float()[..., None]  # [n, groups, 64]
+            dense.append(w.view(n, 2560))
+        poison(512 * sum(widths), torch.bfloat16)
+        ys = project(x, layers)
+        assert len({y.untyped_storage().data_ptr() for y in ys}) == 1
+        for y, layer, w in zip(ys, layers, dense):
+            assert y.shape == (1, 512, w.shape[0]) and torch.isfinite(y).all()
+            assert rel(y[0], x[0].float() @ w.T) < 3e-3 and rel(y, layer(x).float()) < 3e-3, widths
+
+
+@pytest.mark.parametrize("kind", ["ternary", "binary"])
 def test_fast_path_expand_matches_torch_dequantize(weights, kind):
     from bonsai.backends.cuda.kernels import expand_lowbit
 

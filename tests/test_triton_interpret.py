@@ -147,6 +147,25 @@ LAYER_SCRIPT = textwrap.dedent(
     assert ws.numel == 40 * 256 and [b.numel() for b in ws.buffers()] == [40 * 256]  # one buffer, largest layer
     assert len(table) == 0  # nothing was measured on the CPU
 
+    # A double block's q, k, v as one GEMM over their weights side by side (M > 64, expand linears): each output a
+    # column slice of one product. The fused linear, M <= 64 and layers of another kind run one by one.
+    from bonsai.backends.torch.linear import project
+    qkv = [weight(n, 256, "ternary", 10 + i) for i, n in enumerate((40, 40, 24))]
+    xq = torch.randn(2, 45, 256)
+    one_storage = lambda ys: len({y.untyped_storage().data_ptr() for y in ys}) == 1
+    for linear in ("expand", "auto", "fused") if FUSED else ("expand", "auto"):
+        layers = [FastLowBitLinear(w, device="cpu", linear=linear, workspace=ws, choices=table) for w, _ in qkv]
+        for xin in (xq, xq.transpose(0, 1), xq[:, :30]):  # M = 90, 90 from a strided input, 60
+            ys = project(xin, layers)
+            assert [tuple(y.shape) for y in ys] == [(*xin.shape[:-1], n) for n in (40, 40, 24)]
+            assert all(rel(y, xin @ d.T) < 1e-6 for y, (_, d) in zip(ys, qkv)), linear
+            assert one_storage(ys) == (linear != "fused" and xin.shape[0] * xin.shape[1] > 64), (linear, xin.shape)
+        mixed = [*layers[:2], FastLowBitLinear(weight(24, 256, "binary", 3)[0], device="cpu", linear=linear,
+                                               workspace=ws, choices=table)]
+        ys = project(xq, mixed)
+        assert not one_storage(ys) and all(torch.equal(y, layer(xq)) for y, layer in zip(ys, mixed))
+    checked += 1
+
     g = torch.Generator().manual_seed(2)
     q = torch.randint(0, 16, (24, 256), generator=g)
     scale = (torch.rand(24, 4, generator=g) + 0.5).half()
@@ -155,6 +174,12 @@ LAYER_SCRIPT = textwrap.dedent(
     dense4 = (q.float().view(24, 4, 64) - zero.float()[..., None]) * scale.float()[..., None]
     y4 = FastInt4Linear(Int4Weight(packed, scale, zero, 64), device="cpu", workspace=ws)(x1)
     assert rel(y4, x1 @ dense4.view(24, 256).T) < 1e-6
+    # the text encoder's q, k, v (and gate, up) as one GEMM over the weights side by side
+    int4 = [FastInt4Linear(Int4Weight(packed[:n], scale[:n], zero[:n], 64), device="cpu", workspace=ws)
+            for n in (24, 8, 8)]
+    ys = project(x1, int4)
+    assert len({y.untyped_storage().data_ptr() for y in ys}) == 1
+    assert all(rel(y, x1 @ dense4.view(24, 256)[:n].T) < 1e-6 for y, n in zip(ys, (24, 8, 8)))
     checked += 1
 
     print("OK", checked)
@@ -400,12 +425,12 @@ def test_fused_and_fp8_gemm_in_interpreter(interpreted):
 
 
 def test_fast_layers_in_interpreter(interpreted):
-    assert run_interpreted(interpreted, "layers").startswith("OK 3")
+    assert run_interpreted(interpreted, "layers").startswith("OK 4")
 
 
 @pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)
 def test_fast_layers_fused_choice_in_interpreter(interpreted):
-    assert run_interpreted(interpreted, "layers-fused").startswith("OK 4")
+    assert run_interpreted(interpreted, "layers-fused").startswith("OK 5")
 
 
 @pytest.mark.skipif(not NUMPY_OK, reason=NUMPY_REASON)

@@ -57,6 +57,28 @@ def _config(name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in name.split("/")[1].split("x"))
 
 
+def _expand_gemm(x: torch.Tensor, weights, bits: int, group_size: int, in_features: int, scratch: torch.Tensor,
+                 x8=None, scale_scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] times the weights (packed, scales) expanded side by side into `scratch` (their rows stacked):
+    cuBLAS in x.dtype, or with x8 = quantize_fp8(x) the codes in e4m3 and the scales N-major into
+    `scale_scratch`, then cuBLAS's 1x128-block-scaled fp8 GEMM. -> [M, sum N]"""
+    k, g = in_features, group_size
+    n = sum(packed.shape[0] for packed, _ in weights)
+    w = scratch[: n * k].view(n, k)  # [N, K]
+    s = None if x8 is None else scale_scratch[: n * k // g].view(k // g, n)  # [K / 128, N]
+    row = 0
+    for packed, scales in weights:
+        rows = slice(row, row + packed.shape[0])
+        expand_lowbit(packed, scales if s is None else None, bits, g, k, w[rows])  # fp8: the codes t, exact
+        if s is not None:
+            s[:, rows].copy_(scales.t())
+        row = rows.stop
+    if x8 is None:
+        return F.linear(x, w)
+    block = F.ScalingType.BlockWise1x128
+    return F.scaled_mm(x8[0], w.t(), x8[1], block, s.t(), block, output_dtype=x.dtype)
+
+
 def _run(impl: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int,
          in_features: int, scratch: torch.Tensor, x8=None, scale_scratch: torch.Tensor | None = None
          ) -> torch.Tensor:
@@ -64,18 +86,10 @@ def _run(impl: str, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     the K loop; no scratch), "cublas8" (expand the codes into `scratch` of e4m3 and the scales N-major into the
     fp32 `scale_scratch`, then cuBLAS's 1x128-block-scaled fp8 GEMM). scratch: flat, at least N * K elements;
     scale_scratch: at least N * K / group_size. x8 = quantize_fp8(x) selects fp8 activations."""
-    n, k = packed.shape[0], in_features
-    if impl == "cublas":
-        w = scratch[: n * k].view(n, k)  # [N, K]
-        expand_lowbit(packed, scales, bits, group_size, k, w)
-        return F.linear(x, w)
-    if impl == "cublas8":
-        codes = scratch[: n * k].view(n, k)  # [N, K] e4m3, t exact
-        expand_lowbit(packed, None, bits, group_size, k, codes)
-        s = scale_scratch[: n * k // group_size].view(k // group_size, n)  # [K / 128, N]
-        s.copy_(scales.t())
-        block = F.ScalingType.BlockWise1x128
-        return F.scaled_mm(x8[0], codes.t(), x8[1], block, s.t(), block, output_dtype=x.dtype)
+    k = in_features
+    if impl in ("cublas", "cublas8"):
+        return _expand_gemm(x, [(packed, scales)], bits, group_size, k, scratch, x8 if impl == "cublas8" else None,
+                            scale_scratch)
     config = _config(impl)
     if x8 is None:
         return lowbit_gemm(x, packed, scales, bits, group_size, k, config=config)
@@ -186,6 +200,34 @@ class FastLowBitLinear(LowBitLinear):
             impl = self.choices.measure(key, {name: functools.partial(run, name) for name in names})
         return run(impl).view(*lead, n)
 
+    @classmethod
+    def run_together(cls, x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
+        """x through several layers that read it (a double block's q, k, v): their weights expanded side by side
+        into the workspace and one cuBLAS GEMM [M, sum N], whose column slices are their outputs. With fp8 the input
+        is quantized once and cuBLAS's block-scaled GEMM runs far better 9216 wide than 3072 wide; in bf16 it
+        measures the same as three GEMMs, bit for bit (`bench_cuda.py --sections projections`). Layers that differ
+        in input width, bits, settings or workspace, the "fused" linear, fp8 without cuBLAS's block-scaled GEMM,
+        and M <= 64 (the fused GEMM's range) run one by one."""
+        first = layers[0]
+        setting = (first.in_features, first.bits, first.group_size, first.linear, first.fp8, first.workspace)
+        lead, k = x.shape[:-1], first.in_features
+        m, ns = x[..., 0].numel(), [layer.out_features for layer in layers]
+        blockwise = first.fp8 and first.group_size == 128 and blockwise_fp8(x.device, m, sum(ns))
+        expands = candidates(first.linear, first.fp8, m, blockwise)[0] in ("cublas", "cublas8")
+        alike = all((t.in_features, t.bits, t.group_size, t.linear, t.fp8, t.workspace) == setting for t in layers)
+        if m <= 64 or x.shape[-1] != k or not (expands and alike):
+            return tuple(layer(x) for layer in layers)
+        x = x.reshape(-1, k)  # [M, K]
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        n, ws = sum(ns), first.workspace
+        x8 = quantize_fp8(x, first.group_size) if first.fp8 else None
+        scratch = ws.buffer(torch.float8_e4m3fn if first.fp8 else x.dtype, n * k)
+        sscratch = ws.buffer(torch.float32, n * k // first.group_size) if first.fp8 else None
+        y = _expand_gemm(x, [(t.packed, t.scales) for t in layers], first.bits, first.group_size, k, scratch, x8,
+                         sscratch)
+        return y.view(*lead, n).split(ns, dim=-1)
+
 
 class FastInt4Linear(Int4Linear):
     """The text encoder's HQQ 4-bit linear: codes expanded into the workspace's scratch, then cuBLAS (M = prompt
@@ -198,10 +240,25 @@ class FastInt4Linear(Int4Linear):
         workspace.require(self.out_features * self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
-        w = self.workspace.buffer(x.dtype, n * k)[: n * k].view(n, k)  # [N, K]
-        expand_lowbit(self.packed, self.scale, 4, self.group_size, k, w, zeros=self.zero)
-        return F.linear(x, w)
+        return FastInt4Linear.run_together(x, (self,))[0]
+
+    @classmethod
+    def run_together(cls, x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
+        """x through several layers that read it (the text encoder's q, k, v): their weights expanded side by side
+        into the workspace, one GEMM [..., sum N], the outputs its column slices (at 512 prompt tokens the 1024-wide
+        k and v GEMMs alone leave most of the GPU idle). Layers of another input width, group or workspace: one by
+        one."""
+        first = layers[0]
+        k, g, ws = first.in_features, first.group_size, first.workspace
+        if len(layers) > 1 and any((t.in_features, t.group_size, t.workspace) != (k, g, ws) for t in layers):
+            return tuple(cls.run_together(x, (t,))[0] for t in layers)
+        ns = [t.out_features for t in layers]
+        w = ws.buffer(x.dtype, sum(ns) * k)[: sum(ns) * k].view(sum(ns), k)  # [N, K]
+        row = 0
+        for t in layers:
+            expand_lowbit(t.packed, t.scale, 4, g, k, w[row : row + t.out_features], zeros=t.zero)
+            row += t.out_features
+        return F.linear(x, w).split(ns, dim=-1)
 
 
 def workspaces(model: torch.nn.Module) -> list[Workspace]:

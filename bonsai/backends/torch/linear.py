@@ -50,6 +50,15 @@ class LowBitLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, kind={self.kind}, group_size={self.group_size}"
 
 
+def project(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
+    """x through several linears that read it (an attention's q, k, v). A linear class with `run_together` (the
+    CUDA fast path: one GEMM over the weights side by side) takes them in one call."""
+    kind = type(linears[0])
+    if hasattr(kind, "run_together") and all(type(linear) is kind for linear in linears):
+        return kind.run_together(x, linears)
+    return tuple(linear(x) for linear in linears)
+
+
 def dense_linear(weight, device=None, dtype: torch.dtype = torch.float32) -> nn.Linear:
     """`make_linear` that expands a `LowBitWeight` into a plain dense linear (the dense baseline: same model,
     16 bits per weight)."""

@@ -19,6 +19,7 @@ from ...config import Qwen3Fields, TextEncoderConfig
 from ...errors import BonsaiValueError
 from ...prompt import stack_features
 from ...state import check_state
+from .linear import project
 
 FEATURE_LAYERS = TextEncoderConfig.feature_layers  # the dataclass default: klein's (9, 18, 27)
 
@@ -97,9 +98,10 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         shape = (B, S, -1, self.head_dim)  # -> [B, heads, S, head_dim] after the transpose
         # with a mask, transformers repeats the kv heads rather than use SDPA's enable_gqa (CUDA's math fallback)
-        q = self.ops.norm_rope(self.q_norm, self.q_proj(x).view(shape), cos, sin, 1)
-        k = self.ops.norm_rope(self.k_norm, self.k_proj(x).view(shape), cos, sin, self.n_rep)
-        v = self.v_proj(x).view(shape).transpose(1, 2).repeat_interleave(self.n_rep, dim=1)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = self.ops.norm_rope(self.q_norm, q.view(shape), cos, sin, 1)
+        k = self.ops.norm_rope(self.k_norm, k.view(shape), cos, sin, self.n_rep)
+        v = v.view(shape).transpose(1, 2).repeat_interleave(self.n_rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 

@@ -18,7 +18,7 @@ from ...config import TransformerConfig
 from ...errors import BonsaiValueError
 from ...latents import rope_tables
 from ...state import check_state, few
-from .linear import LowBitLinear
+from .linear import LowBitLinear, project
 
 FP16_MAX = 65504.0
 
@@ -175,11 +175,12 @@ class JointAttention(nn.Module):
         """x [B, N_img, D], c [B, N_txt, D] -> (image out, text out)."""
         heads = lambda t: t.unflatten(-1, (-1, self.head_dim))  # [B, N, D] -> [B, N, H, d]  # noqa: E731
         eps = self.norm_q.eps
-        q = self.ops.norm_rope(((heads(self.add_q_proj(c)), self.norm_added_q.weight),
-                                (heads(self.to_q(x)), self.norm_q.weight)), eps, rope)  # [B, H, N, d], text first
-        k = self.ops.norm_rope(((heads(self.add_k_proj(c)), self.norm_added_k.weight),
-                                (heads(self.to_k(x)), self.norm_k.weight)), eps, rope)
-        v = torch.cat([heads(self.add_v_proj(c)), heads(self.to_v(x))], dim=1)
+        qc, kc, vc = project(c, (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        qx, kx, vx = project(x, (self.to_q, self.to_k, self.to_v))
+        q = self.ops.norm_rope(((heads(qc), self.norm_added_q.weight), (heads(qx), self.norm_q.weight)), eps,
+                               rope)  # [B, H, N, d], text first
+        k = self.ops.norm_rope(((heads(kc), self.norm_added_k.weight), (heads(kx), self.norm_k.weight)), eps, rope)
+        v = torch.cat([heads(vc), heads(vx)], dim=1)
         out = self.ops.attention(q, k, v)
         out_c, out_x = out.split([c.shape[1], x.shape[1]], dim=1)
         return self.to_out[0](out_x), self.to_add_out(out_c)
