@@ -4,10 +4,11 @@
 
 Per linear (every FLUX.2 klein 4B shape x M tokens): our GEMMs (Triton expand + cuBLAS, our fused Triton GEMM,
 the per-shape "auto" pick, fp8 activations), gemlite with 8-bit packing (the released layout, loaded as stored),
-dense cuBLAS bf16; `projections`: linears that read one input (q, k, v), one by one and as one GEMM. Per step: the full 4B transformer (5 double + 20
-single blocks, random weights built in memory) with each linear kind at 512^2 and 1024^2, eager and as one CUDA
-graph, with weights / steady / peak VRAM; a torch.profiler breakdown by kernel category. Whole images through
-`bonsai.Pipeline` are benchmarked by bench_pipeline.py. Writes OUT.json and OUT.md; prints rows as it goes.
+dense cuBLAS bf16; `projections`: linears that read one input (q, k, v), one by one and as one GEMM. Per step:
+the full 4B transformer (5 double + 20 single blocks, random weights built in memory) with each linear kind at
+512^2 and 1024^2, eager and as one CUDA graph, with weights / steady / peak VRAM; a torch.profiler breakdown by
+kernel category. Whole images through `bonsai.Pipeline` are benchmarked by bench_pipeline.py. Writes OUT.json and
+OUT.md; prints rows as it goes.
 """
 
 from __future__ import annotations
