@@ -147,8 +147,7 @@ def bench_projections(dtype, kinds):
     (`project`, what the models run), beside dense cuBLAS on resident bf16 weights one by one; replayed from CUDA
     graphs as the runtime runs them. A double block stream's q, k, v (3072 -> 3 x 3072) at the text's M (512) and
     the image's (1024 at 512x512, 4096 at 1024x1024), bf16 and fp8 activations; the text encoder's 4-bit q, k, v
-    (2560 -> 4096 + 2 x 1024) and gate, up (2560 -> 2 x 9728; it gains nothing, so its MLP runs them apart) at its
-    512 tokens."""
+    (2560 -> 4096 + 2 x 1024) and gate, up (2560 -> 2 x 9728) at its 512 tokens."""
     from expand_study import graph_ms
 
     from bonsai.backends.cuda.choice import GemmChoices

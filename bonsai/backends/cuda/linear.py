@@ -244,10 +244,10 @@ class FastInt4Linear(Int4Linear):
 
     @classmethod
     def run_together(cls, x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
-        """x through several layers that read it (the text encoder's q, k, v): their weights expanded side by side
-        into the workspace, one GEMM [..., sum N], the outputs its column slices (at 512 prompt tokens the 1024-wide
-        k and v GEMMs alone leave most of the GPU idle). Layers of another input width, group or workspace: one by
-        one."""
+        """x through several layers that read it (the text encoder's q, k, v; gate, up): their weights expanded side
+        by side into the workspace, one GEMM [..., sum N], the outputs its column slices (at 512 prompt tokens the
+        1024-wide k and v GEMMs alone leave most of the GPU idle). Layers of another input width, group or
+        workspace: one by one."""
         first = layers[0]
         k, g, ws = first.in_features, first.group_size, first.workspace
         if len(layers) > 1 and any((t.in_features, t.group_size, t.workspace) != (k, g, ws) for t in layers):

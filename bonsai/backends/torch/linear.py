@@ -51,8 +51,8 @@ class LowBitLinear(nn.Module):
 
 
 def project(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
-    """x through several linears that read it (an attention's q, k, v). A linear class with `run_together` (the
-    CUDA fast path: one GEMM over the weights side by side) takes them in one call."""
+    """x through several linears that read it (an attention's q, k, v; a gate and its up projection). A linear
+    class with `run_together` (the CUDA fast path: one GEMM over the weights side by side) takes them in one call."""
     kind = type(linears[0])
     if hasattr(kind, "run_together") and all(type(linear) is kind for linear in linears):
         return kind.run_together(x, linears)

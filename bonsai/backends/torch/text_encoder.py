@@ -115,7 +115,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.ops.silu_mul(*project(x, (self.gate_proj, self.up_proj))))
 
 
 class DecoderLayer(nn.Module):
